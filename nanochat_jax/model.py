@@ -1,0 +1,223 @@
+"""The GPT: a pure function of (params, tokens), with the reference architecture.
+
+Rotary embeddings (base 100k, the reference's sign), QK-norm scaled by 1.2, ReLU² MLP, untied
+embeddings, parameter-free RMSNorm (epsilon = the dtype's machine epsilon, like torch's default),
+no biases, GQA, per-layer sliding windows, value embeddings with an input-dependent gate on
+alternating layers, smear (the previous token's embedding mixed in), backout (the mid-network
+residual subtracted before the head), per-layer residual and x0 scalars, logits softcapped at 15
+in float32, vocabulary padded to a multiple of 64 and logits cropped back.
+
+Parameters are a plain dict. Matrices keep the reference's (out, in) orientation, so imported
+checkpoints need no transposes and the optimizer's row/column conventions are the reference's.
+Per-layer matrices are stacked along a leading layer axis:
+
+    wte            (V, D)            token embedding (V = padded vocab)
+    lm_head        (V, D)            unembedding
+    value_embeds   (n_ve, V, D_kv)   one table per value-embedding layer, in layer order
+    blocks/attn_q     (L, H*hd, D)      blocks/attn_k, attn_v  (L, D_kv, D)
+    blocks/attn_proj  (L, D, D)         blocks/mlp_fc (L, 4D, D)   blocks/mlp_proj (L, D, 4D)
+    blocks/ve_gate    (n_ve, H_kv, 12)
+    resid_lambdas, x0_lambdas (L,)   smear_gate (1, 24)   smear_lambda, backout_lambda (1,)
+"""
+
+import jax
+import jax.numpy as jnp
+
+from nanochat_jax import attention as attn_lib
+from nanochat_jax.config import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, GPTConfig, compute_dtype
+
+ROPE_BASE = 100_000
+SOFTCAP = 15.0
+QK_SCALE = 1.2
+IGNORE_INDEX = -1
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+def param_shapes(config: GPTConfig) -> dict:
+    D, V, L, hd = config.n_embd, config.padded_vocab_size, config.n_layer, config.head_dim
+    n_ve = len(config.value_embedding_layers)
+    return {
+        "wte": (V, D),
+        "lm_head": (V, D),
+        "value_embeds": (n_ve, V, config.kv_dim),
+        "blocks": {
+            "attn_q": (L, config.n_head * hd, D),
+            "attn_k": (L, config.kv_dim, D),
+            "attn_v": (L, config.kv_dim, D),
+            "attn_proj": (L, D, D),
+            "mlp_fc": (L, 4 * D, D),
+            "mlp_proj": (L, D, 4 * D),
+            "ve_gate": (n_ve, config.n_kv_head, VE_GATE_CHANNELS),
+        },
+        "resid_lambdas": (L,),
+        "x0_lambdas": (L,),
+        "smear_gate": (1, SMEAR_GATE_CHANNELS),
+        "smear_lambda": (1,),
+        "backout_lambda": (1,),
+    }
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> dict:
+    """The reference's init: every tensor written, float32.
+
+    Uniform weights use bound sqrt(3)/sqrt(D) (the std of N(0, 1/D)) to avoid outliers; output
+    projections start at zero; the residual scalars decay with depth.
+    """
+    shapes = param_shapes(config)
+    D, L = config.n_embd, config.n_layer
+    s = 3**0.5 * D**-0.5
+    names = ["wte", "lm_head", "value_embeds", "attn_q", "attn_k", "attn_v", "mlp_fc", "ve_gate", "smear_gate"]
+    keys = dict(zip(names, jax.random.split(key, len(names))))
+
+    def uniform(name, shape, low, high):
+        return jax.random.uniform(keys[name], shape, jnp.float32, low, high)
+
+    def normal(name, shape, std):
+        return std * jax.random.normal(keys[name], shape, jnp.float32)
+
+    b = shapes["blocks"]
+    layer_frac = jnp.arange(L, dtype=jnp.float32) / max(L - 1, 1)
+    return {
+        "wte": normal("wte", shapes["wte"], 0.8),
+        "lm_head": normal("lm_head", shapes["lm_head"], 0.001),
+        "value_embeds": uniform("value_embeds", shapes["value_embeds"], -s, s),
+        "blocks": {
+            "attn_q": uniform("attn_q", b["attn_q"], -s, s),
+            "attn_k": uniform("attn_k", b["attn_k"], -s, s),
+            "attn_v": uniform("attn_v", b["attn_v"], -s, s),
+            "attn_proj": jnp.zeros(b["attn_proj"], jnp.float32),
+            "mlp_fc": uniform("mlp_fc", b["mlp_fc"], -0.4 * s, 0.4 * s),
+            "mlp_proj": jnp.zeros(b["mlp_proj"], jnp.float32),
+            "ve_gate": uniform("ve_gate", b["ve_gate"], 0.0, 0.02),
+        },
+        "resid_lambdas": 1.15 - 0.10 * layer_frac,
+        "x0_lambdas": 0.20 - 0.15 * layer_frac,
+        "smear_gate": uniform("smear_gate", shapes["smear_gate"], 0.0, 0.02),
+        "smear_lambda": jnp.zeros((1,), jnp.float32),
+        "backout_lambda": jnp.full((1,), 0.2, jnp.float32),
+    }
+
+
+def param_counts(config: GPTConfig) -> dict:
+    """Parameter counts grouped as the reference reports them for scaling laws."""
+    import math
+
+    sizes = jax.tree.map(lambda shape: math.prod(shape), param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    counts = {
+        "wte": sizes["wte"],
+        "value_embeds": sizes["value_embeds"],
+        "lm_head": sizes["lm_head"],
+        "transformer_matrices": sum(sizes["blocks"].values()),
+        "scalars": sum(sizes[k] for k in ("resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda", "backout_lambda")),
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def num_matmul_params(config: GPTConfig) -> int:
+    """Parameters that multiply the token stream (2 FLOPs each per token forward): every block
+    matrix, the lm_head and the smear gate; embeddings are lookups and scalars are not matmuls."""
+    counts = param_counts(config)
+    return counts["transformer_matrices"] + counts["lm_head"] + SMEAR_GATE_CHANNELS
+
+
+def flops_per_token(config: GPTConfig) -> int:
+    """The reference's training FLOPs per token (forward + backward): 6 per matmul parameter plus
+    12·H·hd·min(window, T) per layer for the attention scores and values."""
+    t = config.sequence_len
+    attn = sum(12 * config.n_head * config.head_dim * min(w, t) for w in config.window_sizes)
+    return 6 * num_matmul_params(config) + attn
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+def rms_norm(x):
+    x32 = x.astype(jnp.float32)
+    eps = jnp.finfo(x.dtype).eps  # torch's F.rms_norm default
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rotary_cos_sin(positions_T, head_dim: int, dtype):
+    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_TF = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(freqs_TF).astype(dtype), jnp.sin(freqs_TF).astype(dtype)
+
+
+def apply_rotary(x_BTHD, cos_TF, sin_TF):
+    """Rotation by -theta on the two halves of each head (the reference's convention)."""
+    d = x_BTHD.shape[-1] // 2
+    x1, x2 = x_BTHD[..., :d], x_BTHD[..., d:]
+    cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+    return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+def linear(x, w_OI):
+    """x @ W.T for a weight kept in (out, in) orientation."""
+    return jnp.einsum("...i,oi->...o", x, w_OI)
+
+
+def _attention_block(x_BTD, layer, ve_BTK, cos_sin, p, config, window, backend):
+    B, T, _ = x_BTD.shape
+    H, K, hd = config.n_head, config.n_kv_head, config.head_dim
+    blk = p["blocks"]
+    q = linear(x_BTD, blk["attn_q"][layer]).reshape(B, T, H, hd)
+    k = linear(x_BTD, blk["attn_k"][layer]).reshape(B, T, K, hd)
+    v = linear(x_BTD, blk["attn_v"][layer]).reshape(B, T, K, hd)
+    if ve_BTK is not None:
+        ve_index = config.value_embedding_layers.index(layer)
+        gate_BTK = 3 * jax.nn.sigmoid(linear(x_BTD[..., :VE_GATE_CHANNELS], blk["ve_gate"][ve_index]))
+        v = v + gate_BTK[..., None] * ve_BTK.reshape(B, T, K, hd)
+    q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+    q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
+    y = attn_lib.attention(q, k, v, window=window, backend=backend)
+    return linear(y.reshape(B, T, H * hd), blk["attn_proj"][layer])
+
+
+def _mlp_block(x_BTD, layer, p):
+    h = linear(x_BTD, p["blocks"]["mlp_fc"][layer])
+    return linear(jnp.square(jax.nn.relu(h)), p["blocks"]["mlp_proj"][layer])
+
+
+def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla"):
+    """Logits (B, T, vocab_size) in float32 for int tokens (B, T), T >= 2."""
+    dtype = compute_dtype() if dtype is None else jnp.dtype(dtype)
+    p = jax.tree.map(lambda w: w.astype(dtype), params)  # master weights stay float32 outside
+    B, T = tokens_BT.shape
+    cos_sin = rotary_cos_sin(jnp.arange(T), config.head_dim, dtype)
+
+    x = rms_norm(p["wte"][tokens_BT])
+    # Smear: each position takes in a gated share of the previous position's embedding.
+    gate = p["smear_lambda"] * jax.nn.sigmoid(linear(x[:, 1:, :SMEAR_GATE_CHANNELS], p["smear_gate"]))
+    x = jnp.concatenate([x[:, :1], x[:, 1:] + gate * x[:, :-1]], axis=1)
+
+    x0 = x
+    backout_layer = config.n_layer // 2
+    x_backout = None
+    for layer, window in enumerate(config.window_sizes):
+        x = p["resid_lambdas"][layer] * x + p["x0_lambdas"][layer] * x0
+        ve = None
+        if layer in config.value_embedding_layers:
+            ve = p["value_embeds"][config.value_embedding_layers.index(layer)][tokens_BT]
+        x = x + _attention_block(rms_norm(x), layer, ve, cos_sin, p, config, window, attention_backend)
+        x = x + _mlp_block(rms_norm(x), layer, p)
+        if layer == backout_layer:
+            x_backout = x
+    x = rms_norm(x - p["backout_lambda"] * x_backout)
+
+    logits = linear(x, p["lm_head"])[..., : config.vocab_size].astype(jnp.float32)
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+
+
+def cross_entropy_sum(logits_BTV, targets_BT):
+    """Summed token losses and the number of counted tokens; targets equal to -1 are ignored."""
+    valid = targets_BT != IGNORE_INDEX
+    logz = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit = jnp.take_along_axis(logits_BTV, jnp.where(valid, targets_BT, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, logz - target_logit, 0.0)), jnp.sum(valid)
+
+
+def loss_fn(params, tokens_BT, targets_BT, config: GPTConfig, **forward_kwargs):
+    """Mean cross-entropy over the targets that are not -1."""
+    total, count = cross_entropy_sum(forward(params, tokens_BT, config, **forward_kwargs), targets_BT)
+    return total / count
