@@ -1,0 +1,124 @@
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from launch import parity
+from nanochat_jax import convert, model
+from nanochat_jax.config import GPTConfig, config_from_depth
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def golden_outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity") / "out.npz"
+    parity.parity_model(str(GOLDEN / "model_a.npz"), str(out))
+    with np.load(GOLDEN / "model_a.npz") as ref, np.load(out) as ours:
+        yield dict(ref), dict(ours)
+
+
+def test_reference_logits_and_loss(golden_outputs):
+    ref, ours = golden_outputs
+    assert rel_err(ours["logits"], ref["logits"]) < 1e-5
+    assert abs(float(ours["loss"]) - float(ref["loss"])) / abs(float(ref["loss"])) < 1e-5
+
+
+def test_parity_check_catches_a_perturbed_weight(tmp_path):
+    """The comparison is not vacuous: nudging one late-layer matrix by 1e-3 relative breaks it."""
+    with np.load(GOLDEN / "model_a.npz") as f:
+        data = dict(f)
+    data["param/transformer.h.3.attn.c_v.weight"] = data["param/transformer.h.3.attn.c_v.weight"] * 1.001
+    np.savez(tmp_path / "perturbed.npz", **data)
+    parity.parity_model(str(tmp_path / "perturbed.npz"), str(tmp_path / "out.npz"))
+    with np.load(tmp_path / "out.npz") as ours:
+        assert rel_err(ours["logits"], data["logits"]) > 1e-5
+
+
+def test_parity_cli_reports_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="parity model"):
+        parity.main(["model", str(tmp_path / "missing.npz"), str(tmp_path / "out.npz")])
+
+
+def test_init_matches_reference_scheme():
+    config = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=5, n_head=4, n_kv_head=2, n_embd=256)
+    params = model.init_params(config, jax.random.key(0))
+    shapes = model.param_shapes(config)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(tuple, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    s = math.sqrt(3 / 256)
+    b = params["blocks"]
+    assert abs(float(jnp.std(params["wte"])) - 0.8) < 0.01
+    assert abs(float(jnp.std(params["lm_head"])) - 0.001) < 1e-5
+    for name, bound in [("attn_q", s), ("attn_k", s), ("attn_v", s), ("mlp_fc", 0.4 * s)]:
+        w = b[name]
+        assert -bound <= float(w.min()) < -0.95 * bound and 0.95 * bound < float(w.max()) <= bound, name
+        assert abs(float(jnp.std(w)) - bound / math.sqrt(3)) < 0.02 * bound, name
+    v = params["value_embeds"]
+    assert -s <= float(v.min()) < -0.95 * s and 0.95 * s < float(v.max()) <= s
+    for gate in (b["ve_gate"], params["smear_gate"]):
+        assert 0.0 <= float(gate.min()) and float(gate.max()) <= 0.02 and float(gate.std()) > 0.004
+    assert not jnp.any(b["attn_proj"]) and not jnp.any(b["mlp_proj"])
+    np.testing.assert_allclose(params["resid_lambdas"], [1.15, 1.125, 1.10, 1.075, 1.05], rtol=1e-6)
+    np.testing.assert_allclose(params["x0_lambdas"], [0.20, 0.1625, 0.125, 0.0875, 0.05], rtol=1e-6)
+    assert float(params["smear_lambda"][0]) == 0.0 and float(params["backout_lambda"][0]) == pytest.approx(0.2)
+
+
+def hand_counts(depth):
+    """The reference's counts written out for a full-width GQA-free model, vocab 32768."""
+    D, V, L = 64 * depth, 32768, depth
+    D = -(-D // 128) * 128
+    H = D // 128
+    n_ve = (L + 1) // 2
+    matrices = L * (4 * D * D + 8 * D * D) + n_ve * H * 12
+    lm_head = V * D
+    windows = [512 if (i % 4 != 3 and i != L - 1) else 2048 for i in range(L)]
+    flops = 6 * (matrices + lm_head + 24) + sum(12 * H * 128 * w for w in windows)
+    total = 2 * V * D + n_ve * V * D + matrices + 2 * L + 24 + 2
+    return matrices, lm_head, total, flops
+
+
+@pytest.mark.parametrize("depth", [12, 20, 26])
+def test_param_counts_and_flops(depth):
+    config = config_from_depth(depth)
+    counts = model.param_counts(config)
+    matrices, lm_head, total, flops = hand_counts(depth)
+    assert counts["transformer_matrices"] == matrices
+    assert counts["lm_head"] == lm_head
+    assert counts["total"] == total
+    assert model.flops_per_token(config) == flops
+
+
+def test_loss_ignores_minus_one_targets():
+    config = GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=128)
+    params = model.init_params(config, jax.random.key(1))
+    params["lm_head"] = jax.random.normal(jax.random.key(2), params["lm_head"].shape)
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 100)
+    targets = jnp.roll(tokens, -1, axis=1)
+    masked = targets.at[:, :5].set(-1)
+    logits = model.forward(params, tokens, config)
+    logp = jax.nn.log_softmax(logits)
+    picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    expected = -jnp.mean(picked[:, 5:])
+    assert float(model.loss_fn(params, tokens, masked, config)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_importer_round_trip_and_errors():
+    config = GPTConfig(sequence_len=64, vocab_size=100, n_layer=3, n_head=2, n_kv_head=1, n_embd=128)
+    params = jax.tree.map(np.asarray, model.init_params(config, jax.random.key(0)))
+    state = convert.to_reference(params, config)
+    assert "transformer.h.2.attn.ve_gate.weight" in state and "transformer.h.1.attn.ve_gate.weight" not in state
+    assert state["transformer.h.1.attn.c_k.weight"].shape == (64, 128)
+    back = convert.from_reference({"_orig_mod." + k: v for k, v in state.items()}, config)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    with pytest.raises(KeyError, match="lacks"):
+        convert.from_reference({k: v for k, v in state.items() if k != "lm_head.weight"}, config)
+    with pytest.raises(ValueError, match="does not fit"):
+        convert.from_reference(state, GPTConfig(sequence_len=64, vocab_size=100, n_layer=3, n_head=2, n_kv_head=2, n_embd=128))
