@@ -1,0 +1,36 @@
+"""One entry for every stage of the pipeline:  python -m launch.stage <name> [flags]
+
+Each stage lives in its own module and is imported only when it runs, so `--help` is instant.
+Run `python -m launch.stage <name> --help` for a stage's flags.
+"""
+
+import importlib
+import sys
+
+# name -> (module, function taking argv, one line of help)
+STAGES = {
+    "base": ("launch.base_train", "main", "pretrain a GPT from scratch (or resume) on the pretraining corpus"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in STAGES.items()]
+    return "usage: python -m launch.stage <name> [flags]\n\nstages:\n" + "\n".join(lines) + \
+        "\n\n`python -m launch.stage <name> --help` lists a stage's flags."
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        sys.exit(f"unknown stage {name!r}\n\n{usage()}")
+    module, function, _ = STAGES[name]
+    getattr(importlib.import_module(module), function)(rest)
+
+
+if __name__ == "__main__":
+    main()
