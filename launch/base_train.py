@@ -1,0 +1,190 @@
+"""Pretraining: `python -m launch.stage base`.
+
+Flags and defaults are the reference's (`scripts/base_train.py`); the depth dial derives width,
+batch size, learning rates, weight decay and the horizon, printed at the start. The run directory
+is explicit: the stage reads `<run-dir>/tokenizer` (written by the `tok` stage) and writes
+`<run-dir>/base/` (checkpoints, `metrics.jsonl`).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.stage base", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", default="runs/default", help="run directory: reads tokenizer/, writes base/")
+    g.add_argument("--data-dir", default=None, help="folder of parquet/jsonl shards (default: the built-in corpus)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    g.add_argument("--model-tag", default=None, help="subfolder name for this model (default: d<depth>)")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=20, help="number of layers; everything else follows")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio")
+    g.add_argument("--head-dim", type=int, default=128, help="target head dimension")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="context length")
+    g.add_argument("--window-pattern", default="SSSL", help="sliding windows tiled over layers: L=full, S=quarter")
+    g = p.add_argument_group("horizon (first one set wins)")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
+    g.add_argument("--target-flops", type=float, default=-1.0, help="steps to reach these FLOPs (-1 = off)")
+    g.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--device-batch-size", type=int, default=32, help="rows per device per micro-step")
+    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = derive)")
+    g.add_argument("--embedding-lr", type=float, default=0.3)
+    g.add_argument("--unembedding-lr", type=float, default=0.008)
+    g.add_argument("--matrix-lr", type=float, default=0.02)
+    g.add_argument("--scalar-lr", type=float, default=0.5)
+    g.add_argument("--weight-decay", type=float, default=0.28, help="Muon's cautious weight decay at d12")
+    g.add_argument("--warmup-steps", type=int, default=40)
+    g.add_argument("--warmdown-ratio", type=float, default=0.65)
+    g.add_argument("--final-lr-frac", type=float, default=0.05)
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=int, default=250, help="val bits-per-byte every N steps (-1 = off)")
+    g.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per val evaluation")
+    return p
+
+
+def peak_flops(device) -> float | None:
+    """bf16 dense peak of one chip (None where MFU means nothing, e.g. CPU)."""
+    kind = device.device_kind.lower()
+    table = [("h200", 989e12), ("h100", 989e12), ("h800", 756e12), ("a100", 312e12), ("a800", 312e12),
+             ("l40s", 362e12), ("b200", 2.25e15), ("gb200", 2.5e15)]
+    if device.platform == "cpu":
+        return None
+    return next((flops for name, flops in table if name in kind), None)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"base: {e}")
+
+
+def run(args):
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from nanochat_jax import data, model, optim, sharding, train
+    from nanochat_jax.config import compute_dtype, config_from_depth
+    from nanochat_jax.evals.bpb import evaluate_bpb
+    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.attention import default_backend
+
+    tok_dir = os.path.join(args.run_dir, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        raise FileNotFoundError(f"no tokenizer in {tok_dir}; run `python -m launch.stage tok --run-dir {args.run_dir}` first")
+    tokenizer = Tokenizer.from_directory(tok_dir)
+    out_dir = os.path.join(args.run_dir, "base", args.model_tag or f"d{args.depth}")
+    os.makedirs(out_dir, exist_ok=True)
+
+    config = config_from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
+                               window_pattern=args.window_pattern, aspect_ratio=args.aspect_ratio,
+                               head_dim=args.head_dim)
+    hp = optim.derive_hyperparameters(
+        args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
+        aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+        target_param_data_ratio=args.target_param_data_ratio,
+        total_batch_size=None if args.total_batch_size < 0 else args.total_batch_size,
+        num_iterations=None if args.num_iterations < 0 else args.num_iterations,
+        embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
+        scalar_lr=args.scalar_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
+    flops_per_token = model.flops_per_token(config)
+    num_iterations = hp.num_iterations
+    if args.num_iterations < 0 and args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * hp.total_batch_size))
+    if num_iterations < 1:
+        raise ValueError(f"the horizon comes to {num_iterations} steps; set --num-iterations")
+
+    mesh = sharding.make_mesh()
+    n_devices, n_local = len(jax.devices()), jax.local_device_count()
+    rows_per_micro = args.device_batch_size * n_devices
+    tokens_per_micro = rows_per_micro * args.max_seq_len
+    if hp.total_batch_size % tokens_per_micro:
+        raise ValueError(f"--total-batch-size {hp.total_batch_size:,} is not a multiple of one micro-step's "
+                         f"{tokens_per_micro:,} tokens ({args.device_batch_size} rows x {args.max_seq_len} x {n_devices} devices)")
+    micro_steps = hp.total_batch_size // tokens_per_micro
+    dtype = compute_dtype()
+    step_config = train.StepConfig(model=config, dtype=dtype.name, attention_backend=default_backend())
+
+    print(f"model: {json.dumps(config.to_json_dict())}")
+    print(f"parameters: {json.dumps(model.param_counts(config))}")
+    print(f"FLOPs per token: {flops_per_token:.4e}")
+    print(hp)
+    print(f"iterations: {num_iterations:,} | devices: {n_devices} ({jax.devices()[0].device_kind}) | "
+          f"micro-steps per step: {micro_steps} of {rows_per_micro} x {args.max_seq_len} | compute dtype: {dtype.name}")
+
+    optimizer = optim.build_optimizer(hp.groups(), optim.param_labels, ortho_dtype=dtype)
+    params, opt_state, opt_shardings = train.init_train_state(step_config, optimizer, mesh, jax.random.key(args.seed))
+    step_fn = train.make_train_step(step_config, optimizer, mesh, opt_shardings)
+    schedules = hp.schedules()
+
+    local_rows = args.device_batch_size * n_local
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_batches = data.pretrain_batches(tokenizer, local_rows, args.max_seq_len, source=args.data_dir,
+                                          split="train", seed=args.seed, **proc)
+    micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    eval_sharding = sharding.batch_sharding(mesh)
+    token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(mesh))
+    eval_batches_n = max(1, args.eval_tokens // (rows_per_micro * args.max_seq_len))
+
+    def next_step_batch():
+        rows = [next(train_batches) for _ in range(micro_steps)]
+        inputs = np.stack([r[0] for r in rows])
+        targets = np.stack([r[1] for r in rows])
+        return sharding.global_batch(inputs, micro_sharding), sharding.global_batch(targets, micro_sharding)
+
+    def val_bpb():
+        batches = data.pretrain_batches(tokenizer, local_rows, args.max_seq_len, source=args.data_dir,
+                                        split="val", **proc)
+        return evaluate_bpb(params, batches, eval_batches_n, token_bytes, config=config, dtype=dtype.name,
+                            attention_backend=step_config.attention_backend,
+                            to_global=lambda x: sharding.global_batch(x, eval_sharding))
+
+    peak = peak_flops(jax.devices()[0])
+    log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    smooth_loss, ema = 0.0, 0.9
+    training_time, min_bpb, bpb = 0.0, float("inf"), None
+    bar = tqdm(total=num_iterations, desc="base", unit="step", dynamic_ncols=True)
+    for step in range(num_iterations + 1):
+        last = step == num_iterations
+        if args.eval_every > 0 and (last or step % args.eval_every == 0):
+            bpb = val_bpb()
+            min_bpb = min(min_bpb, bpb)
+            record = {"step": step, "val_bpb": bpb, "training_time_s": training_time}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
+        if last:
+            break
+        for name, fn in schedules.items():
+            opt_state.hyperparams[name] = np.float32(fn(step))
+        tokens, targets = next_step_batch()
+        t0 = time.perf_counter()
+        params, opt_state, loss = step_fn(params, opt_state, tokens, targets)
+        loss = float(loss)  # waits for the step
+        dt = time.perf_counter() - t0
+        if step > 0:
+            training_time += dt  # the first step includes compilation
+        smooth_loss = ema * smooth_loss + (1 - ema) * loss
+        debiased = smooth_loss / (1 - ema ** (step + 1))
+        tok_s = hp.total_batch_size / dt
+        mfu = None if peak is None else 100 * flops_per_token * tok_s / (peak * n_devices)
+        record = {"step": step, "loss": loss, "loss_ema": debiased, "lr_multiplier": float(schedules["lr_multiplier"](step)),
+                  "dt_s": dt, "tokens_per_s": tok_s, "mfu_percent": mfu, "compile": step == 0}
+        log.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1f}%")
+        if step == 0:
+            tqdm.write(f"step 00000 | compile + first step {dt:.1f}s")
+    bar.close()
+    log.close()
+    print(f"training time (excluding the first step): {training_time:.1f}s | min val bpb: {min_bpb:.4f}")
+    return params, opt_state
