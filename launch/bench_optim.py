@@ -7,6 +7,10 @@ Builds the depth's parameters and random gradients on a mesh over every device (
 sharded over `data` along its first divisible axis), compiles the jitted step with donated
 buffers, then times `--repeats` steps (block_until_ready each) and reports the median. Prints the
 depth's hyperparameters, a table, and one JSON line for scripts.
+
+Optimizer state is 8 bytes per AdamW parameter (two float32 moments) and about 4 per Muon
+parameter (the momentum; NorMuon's second moment is one float per row or column): at d20, 5.2 GiB
+for 896.5M parameters, 6.25 bytes each, divided over the `data` axis.
 """
 
 import argparse
