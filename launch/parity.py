@@ -1,6 +1,7 @@
 """Reproduce the reference's golden outputs from their inputs (the `../shared/golden` contract).
 
     python -m launch.parity model IN.npz OUT.npz     # OUT: logits, loss
+    python -m launch.parity optim IN.npz OUT.npz     # OUT: after1/<name>, after2/<name>
 
 The command computes and writes; it never reads the expected values from IN. Comparing is the
 caller's job (the tests do it), so any file of the same format can be checked the same way.
@@ -36,6 +37,69 @@ def parity_model(in_path: str, out_path: str) -> None:
     print(f"wrote {out_path}: logits {tuple(logits.shape)}, loss {float(loss):.6f}")
 
 
+def _groups_from_file(param_groups: list, config):
+    """The file's param groups as our `Group`s and a label tree: each of our leaves takes the group
+    of the reference names stacked into it (which must all share one group)."""
+    from nanochat_jax import convert, optim
+
+    groups, group_of = {}, {}
+    for i, g in enumerate(param_groups):
+        key = f"{i}_{g['kind']}"
+        extra = dict(betas=tuple(g["betas"]), eps=g["eps"]) if g["kind"] == "adamw" else dict(beta2=g["beta2"], ns_steps=g["ns_steps"])
+        groups[key] = optim.Group(g["kind"], g["lr"], g["weight_decay"], **extra)
+        group_of.update(dict.fromkeys(g["param_names"], key))
+    labels = {"blocks": {}}
+    for path, names in convert.reference_names(config).items():
+        keys = {group_of.get(n) for n in names}
+        if None in keys:
+            raise KeyError(f"{path}: {[n for n in names if n not in group_of][:3]} are in no param group")
+        if len(keys) > 1:
+            raise ValueError(f"{path} stacks parameters from different groups {sorted(keys)}")
+        parent, _, leaf = path.rpartition("/")
+        (labels[parent] if parent else labels)[leaf] = keys.pop()
+    # The reference's training sets one momentum for all Muon groups; so does our optimizer.
+    momenta = {g["momentum"] for g in param_groups if g["kind"] == "muon"}
+    if len(momenta) > 1:
+        raise ValueError(f"Muon groups with different momenta {sorted(momenta)}: one Muon momentum is supported")
+    return groups, labels, momenta.pop() if momenta else 0.95
+
+
+def parity_optim(in_path: str, out_path: str) -> None:
+    _force_cpu_float32()
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from nanochat_jax import convert, optim
+
+    with np.load(in_path) as f:
+        config = convert.config_from_json(str(f["config"]))
+        param_groups = json.loads(str(f["param_groups"]))
+        trees = {stage: convert.from_reference({k.removeprefix(f"{stage}/"): f[k] for k in f.files if k.startswith(f"{stage}/")}, config)
+                 for stage in ("before", "grad1", "grad2")}
+    groups, labels, momentum = _groups_from_file(param_groups, config)
+    tx = optim.build_optimizer(groups, labels, lr_multiplier=1.0, muon_momentum=momentum, muon_wd_multiplier=1.0,
+                               ortho_dtype=jnp.float32)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = trees["before"]
+    state = tx.init(params)
+    out = {}
+    for i in (1, 2):
+        params, state = step(params, state, trees[f"grad{i}"])
+        out.update({f"after{i}/{k}": v for k, v in convert.to_reference(params, config).items()})
+    np.savez(out_path, **out)
+    print(f"wrote {out_path}: {len(out) // 2} parameters after steps 1 and 2, {len(groups)} groups")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m launch.parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,10 +107,15 @@ def main(argv=None):
     p = sub.add_parser("model", help="logits and loss of a reference model on its inputs")
     p.add_argument("inp", metavar="IN.npz")
     p.add_argument("out", metavar="OUT.npz")
+    p = sub.add_parser("optim", help="parameters after two optimizer steps from the file's params and grads")
+    p.add_argument("inp", metavar="IN.npz")
+    p.add_argument("out", metavar="OUT.npz")
     args = parser.parse_args(argv)
     try:
         if args.what == "model":
             parity_model(args.inp, args.out)
+        elif args.what == "optim":
+            parity_optim(args.inp, args.out)
     except (OSError, KeyError, ValueError) as e:
         sys.exit(f"parity {args.what}: {e}")
 

@@ -90,3 +90,9 @@ def to_reference(params: dict, config: GPTConfig) -> dict:
     for path, names in stacked_names(config).items():
         state.update(zip(names, np.asarray(_get(params, path))))
     return state
+
+
+def reference_names(config: GPTConfig) -> dict:
+    """For every leaf of our tree ('wte', 'blocks/attn_q', ...), the reference names it holds, in
+    order along the leading axis for stacked leaves."""
+    return {**{k: [name] for k, name in _TOP_NAMES.items()}, **stacked_names(config)}

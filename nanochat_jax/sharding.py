@@ -72,29 +72,25 @@ def param_shardings(config: GPTConfig, mesh) -> dict:
 
 
 def state_shardings(state_shapes, param_shardings_tree, mesh):
-    """Shardings for an optimizer state: a state leaf stored under a parameter's name (Adam's
-    moments, Muon's momentum and factored second moment, ...) is split like that parameter, on the
-    dimensions where it has the parameter's size; everything else (step counts, hyperparameters)
-    is replicated. Works for any Optax state without knowing its structure."""
-    by_path = {
-        tuple(k.key for k in path): s
-        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings_tree)[0]
-    }
+    """Shardings for an optimizer state, ZeRO-style, without knowing its structure.
+
+    A state leaf whose path ends with a parameter's path and that has the parameter's rank (Adam's
+    moments, Muon's momentum and factored second moment) is split like the parameter, except along
+    dimensions it has reduced to size 1; everything else (step counts, hyperparameters) is
+    replicated. The same rule serves a 1-device mesh and a many-device one.
+    """
+    by_path = {tuple(path): s for path, s in jax.tree_util.tree_leaves_with_path(param_shardings_tree)}
+    longest = max(map(len, by_path))
 
     def for_leaf(path, leaf):
-        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        for n in range(len(names), 0, -1):
-            param = by_path.get(names[-n:])
-            if param is not None and len(param.spec) <= len(leaf.shape):
-                spec = [a if size % _axis_size(mesh, a) == 0 else None for a, size in zip(param.spec, leaf.shape)]
-                return NamedSharding(mesh, P(*spec))
+        for n in range(min(longest, len(path)), 0, -1):
+            param = by_path.get(tuple(path[-n:]))
+            if param is not None and len(param.spec) <= leaf.ndim:
+                spec = tuple(param.spec) + (None,) * (leaf.ndim - len(param.spec))
+                return NamedSharding(mesh, P(*(a if size > 1 else None for a, size in zip(spec, leaf.shape))))
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(for_leaf, state_shapes)
-
-
-def _axis_size(mesh, axis) -> int:
-    return 1 if axis is None else mesh.shape[axis]
 
 
 def batch_sharding(mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
