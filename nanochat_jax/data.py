@@ -280,6 +280,7 @@ def make_shards(inputs: list[str], out_dir: str, shard_chars: int = 250_000_000,
         raise ValueError(f"txt_mode must be file, paragraph or line, not {txt_mode!r}")
     if val_docs < 1:
         raise ValueError("val_docs must be at least 1")
+    files = _input_files(inputs)  # fail on a bad path before creating anything
     os.makedirs(out_dir, exist_ok=True)
     held = collections.deque()  # the newest val_docs documents: they become validation at the end
     shard, shard_size, written = [], 0, []
@@ -291,7 +292,7 @@ def make_shards(inputs: list[str], out_dir: str, shard_chars: int = 250_000_000,
         os.replace(path + ".tmp", path)
         written.append(path)
 
-    for doc in _iter_input_docs(inputs, text_field, txt_mode):
+    for doc in _iter_input_docs(files, text_field, txt_mode):
         held.append(doc)
         if len(held) > val_docs:
             doc = held.popleft()
@@ -309,7 +310,7 @@ def make_shards(inputs: list[str], out_dir: str, shard_chars: int = 250_000_000,
     return written
 
 
-def _iter_input_docs(inputs, text_field, txt_mode):
+def _input_files(inputs):
     files = []
     for p in inputs:
         if os.path.isdir(p):
@@ -318,6 +319,10 @@ def _iter_input_docs(inputs, text_field, txt_mode):
             files.append(p)
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
+    return files
+
+
+def _iter_input_docs(files, text_field, txt_mode):
     for path in files:
         if path.endswith((".jsonl", ".jsonl.gz")):
             docs = iter_jsonl_texts(path, text_field)
