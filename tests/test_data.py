@@ -107,6 +107,10 @@ def test_same_seed_same_batches_other_seed_differs(tok, corpus):
     a, b, c = take(3), take(3), take(4)
     assert all((p[0] == q[0]).all() for p, q in zip(a, b))
     assert any((p[0] != q[0]).any() for p, q in zip(a, c))
+    # background threads change only the speed, never the batches
+    serial = data.pretrain_batches(tok, 2, 32, source=corpus, seed=3, buffer_size=8, lookahead=1,
+                                   prefetch=0, tokenizer_threads=1)
+    assert all((p[0] == next(serial)[0]).all() for p in a)
 
 
 @pytest.mark.parametrize("k", [0, 3])
