@@ -330,12 +330,16 @@ def test_download_resume_and_verify(server, tmp_path):
     bad = bytearray((dest / "shard_00002.parquet").read_bytes())
     bad[len(bad) // 2] ^= 0xFF
     (dest / "shard_00002.parquet").write_bytes(bytes(bad))
+    # a shard without our checksum (placed there by another tool) gets the full parquet check
+    os.remove(dest / "shard_00009.parquet.sha256")
+    (dest / "shard_00009.parquet").write_bytes(server.files["shard_00009.parquet"][:-50])
     server.requests.clear()
     _download(server, dest, 4)
+    assert (dest / "shard_00009.parquet").read_bytes() == server.files["shard_00009.parquet"]
     assert ("shard_00003.parquet", "bytes=100-") in server.requests
     assert (dest / "shard_00003.parquet").read_bytes() == body
     assert (dest / "shard_00002.parquet").read_bytes() == server.files["shard_00002.parquet"]
-    assert {n for n, _ in server.requests} == {"shard_00002.parquet", "shard_00003.parquet"}  # the rest verified, skipped
+    assert {n for n, _ in server.requests} == {"shard_00002.parquet", "shard_00003.parquet", "shard_00009.parquet"}  # the rest verified, skipped
     assert hashlib.sha256(body).hexdigest() == (dest / "shard_00003.parquet.sha256").read_text()
 
 
