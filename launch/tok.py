@@ -77,10 +77,12 @@ def main_tok_eval(argv=None):
 
     try:
         ours = Tokenizer.from_directory(args.tokenizer_dir)
+        with open(os.path.join(os.path.dirname(data.__file__), "tokenizer.py")) as f:
+            code = f.read()  # our own source: code text we may ship
         texts = {
             "train": "\n".join(data.iter_texts(args.source, "train", args.max_chars)),
             "val (held out)": "\n".join(data.iter_texts(args.source, "val", args.max_chars)),
-            "code": open(os.path.join(os.path.dirname(data.__file__), "tokenizer.py")).read(),
+            "code": code,
             **SAMPLES,
         }
     except (ValueError, FileNotFoundError) as e:

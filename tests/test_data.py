@@ -4,6 +4,7 @@ import http.server
 import json
 import os
 import threading
+from pathlib import Path
 
 import grain
 import numpy as np
@@ -11,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch import data_cli, tok as tok_cli
+from launch import data_cli
+from launch import tok as tok_cli
 from nanochat_jax import data
 from nanochat_jax.tokenizer import Tokenizer
 
 GOLDEN_TOK = os.path.join(os.path.dirname(__file__), "golden", "tokenizer_a.json")
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi"]
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +236,7 @@ def test_tok_stage_and_eval_on_a_folder(corpus, tmp_path, capsys):
     t = Tokenizer.from_directory(out)
     assert t.vocab_size == 300 and (np.load(os.path.join(out, "token_bytes.npy")) == t.token_bytes()).all()
     tok_cli.main_tok_eval(["--source", corpus, "--tokenizer-dir", out])
-    results = json.load(open(os.path.join(out, "tok_eval.json")))
+    results = json.loads((tmp_path / "tok" / "tok_eval.json").read_text())
     assert results["ours"]["texts"]["val (held out)"]["ratio"] > 1.5
     with pytest.raises(SystemExit, match="too small"):
         tok_cli.main_tok(["--source", corpus, "--vocab-size", "100", "--tokenizer-dir", out])
@@ -316,7 +318,7 @@ def test_download_resume_and_verify(server, tmp_path):
     assert [os.path.basename(p) for p in paths] == ["shard_00000.parquet", "shard_00001.parquet",
                                                     "shard_00002.parquet", "shard_00009.parquet"]
     for p in paths:
-        assert open(p, "rb").read() == server.files[os.path.basename(p)]
+        assert Path(p).read_bytes() == server.files[os.path.basename(p)]
     # the interrupted shard resumed where it stopped instead of starting over
     half = len(server.files["shard_00000.parquet"]) // 2
     assert ("shard_00000.parquet", f"bytes={half}-") in server.requests
