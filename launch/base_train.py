@@ -76,8 +76,9 @@ def run(args):
     from nanochat_jax.evals.bpb import evaluate_bpb
     from nanochat_jax.tokenizer import Tokenizer
     from nanochat_jax.attention import default_backend
+    from launch.tok import tokenizer_dir
 
-    tok_dir = os.path.join(args.run_dir, "tokenizer")
+    tok_dir = tokenizer_dir(args.run_dir)
     if not os.path.isdir(tok_dir):
         raise FileNotFoundError(f"no tokenizer in {tok_dir}; run `python -m launch.stage tok --run-dir {args.run_dir}` first")
     tokenizer = Tokenizer.from_directory(tok_dir)

@@ -9,7 +9,11 @@ import sys
 
 # name -> (module, function taking argv, one line of help)
 STAGES = {
-    "base": ("launch.base_train", "main", "pretrain a GPT from scratch (or resume) on the pretraining corpus"),
+    "download": ("launch.data_cli", "main_download", "fetch pretraining shards (ClimbMix or FineWeb-Edu)"),
+    "make_shards": ("launch.data_cli", "main_convert", "turn your own text/jsonl/parquet into training shards"),
+    "tok": ("launch.tok", "main_tok", "train the BPE tokenizer on the pretraining text"),
+    "tok_eval": ("launch.tok", "main_tok_eval", "compression ratio of the tokenizer on held-out text"),
+    "base": ("launch.base_train", "main", "pretrain a GPT from scratch on the pretraining corpus"),
 }
 
 

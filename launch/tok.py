@@ -1,10 +1,10 @@
 """Stages `tok` (train the tokenizer) and `tok_eval` (its compression on held-out text).
 
-    python -m launch.tok tok --vocab-size 32768 --max-chars 2000000000 --tokenizer-dir runs/tokenizer
-    python -m launch.tok tok_eval --tokenizer-dir runs/tokenizer
+    python -m launch.stage tok --run-dir runs/default --vocab-size 32768    # writes <run-dir>/tokenizer
+    python -m launch.stage tok_eval --run-dir runs/default
 
-With no `--source` both read the small Wikipedia corpus built into the package, so they run on a
-fresh machine; point `--source` at downloaded shards (`download`) or your own (`make_shards`).
+With no `--data-dir` both read the small Wikipedia corpus built into the package, so they run on a
+fresh machine; point `--data-dir` at downloaded shards (`download`) or your own (`make_shards`).
 """
 
 import argparse
@@ -13,7 +13,12 @@ import os
 import sys
 import time
 
-DEFAULT_TOKENIZER_DIR = os.path.join("runs", "tokenizer")
+DEFAULT_RUN_DIR = os.path.join("runs", "default")
+
+
+def tokenizer_dir(run_dir: str) -> str:
+    """Where the `tok` stage leaves the tokenizer that every later stage of the run reads."""
+    return os.path.join(run_dir, "tokenizer")
 
 # Short samples of kinds of text the training corpus may lack (written for this project).
 SAMPLES = {
@@ -26,8 +31,8 @@ SAMPLES = {
 def main_tok(argv=None):
     parser = argparse.ArgumentParser(prog="tok", description="Train the BPE tokenizer (rustbpe) on the "
                                      "first --max-chars characters of the pretraining text.")
-    parser.add_argument("--source", help="folder of .parquet/.jsonl[.gz] shards (default: the built-in corpus)")
-    parser.add_argument("--tokenizer-dir", default=DEFAULT_TOKENIZER_DIR, help="where to save (default: %(default)s)")
+    parser.add_argument("--data-dir", help="folder of .parquet/.jsonl[.gz] shards (default: the built-in corpus)")
+    parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="saves <run-dir>/tokenizer (default: %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=32768, help="including the 9 special tokens (default: %(default)s)")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on this many characters (default: 2B)")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters per document (default: %(default)s)")
@@ -39,7 +44,7 @@ def main_tok(argv=None):
     from nanochat_jax.tokenizer import Tokenizer
 
     try:
-        texts = data.iter_texts(args.source, "train", args.max_chars, args.doc_cap)
+        texts = data.iter_texts(args.data_dir, "train", args.max_chars, args.doc_cap)
         bar = tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="reading")
 
         def counted():
@@ -54,11 +59,11 @@ def main_tok(argv=None):
         sample = "Hello world! Numbers: 123, 4567. Contractions: I'm, you're. Unicode: 你好 🌍\n\ttabs"
         if tok.decode(tok.encode(sample)) != sample:
             raise RuntimeError("the trained tokenizer does not round-trip text")  # a bug, not user error
-        tok.save(args.tokenizer_dir)
+        tok.save(tokenizer_dir(args.run_dir))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"tok: {e}")
     tb = tok.token_bytes()
-    print(f"saved {args.tokenizer_dir}: tokenizer.json, token_bytes.npy "
+    print(f"saved {tokenizer_dir(args.run_dir)}: tokenizer.json, token_bytes.npy "
           f"(bytes per token: mean {tb[tb > 0].mean():.2f}, max {tb.max()})")
 
 
@@ -66,22 +71,22 @@ def main_tok_eval(argv=None):
     parser = argparse.ArgumentParser(prog="tok_eval", description="Compression (bytes per token) of the "
                                      "trained tokenizer on training, held-out and sample text; compared "
                                      "with GPT-2 and GPT-4 when tiktoken has them cached offline.")
-    parser.add_argument("--source", help="folder of shards (default: the built-in corpus)")
-    parser.add_argument("--tokenizer-dir", default=DEFAULT_TOKENIZER_DIR, help="default: %(default)s")
+    parser.add_argument("--data-dir", help="folder of shards (default: the built-in corpus)")
+    parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="reads <run-dir>/tokenizer (default: %(default)s)")
     parser.add_argument("--max-chars", type=int, default=2_000_000, help="characters of train/val text to measure (default: %(default)s)")
-    parser.add_argument("--out", help="write the results as JSON here (default: <tokenizer-dir>/tok_eval.json)")
+    parser.add_argument("--out", help="write the results as JSON here (default: <run-dir>/tokenizer/tok_eval.json)")
     args = parser.parse_args(argv)
 
     from nanochat_jax import data
     from nanochat_jax.tokenizer import Tokenizer
 
     try:
-        ours = Tokenizer.from_directory(args.tokenizer_dir)
+        ours = Tokenizer.from_directory(tokenizer_dir(args.run_dir))
         with open(os.path.join(os.path.dirname(data.__file__), "tokenizer.py")) as f:
             code = f.read()  # our own source: code text we may ship
         texts = {
-            "train": "\n".join(data.iter_texts(args.source, "train", args.max_chars)),
-            "val (held out)": "\n".join(data.iter_texts(args.source, "val", args.max_chars)),
+            "train": "\n".join(data.iter_texts(args.data_dir, "train", args.max_chars)),
+            "val (held out)": "\n".join(data.iter_texts(args.data_dir, "val", args.max_chars)),
             "code": code,
             **SAMPLES,
         }
@@ -110,7 +115,7 @@ def main_tok_eval(argv=None):
             row += f"{r['tokens']:>12,}{r['ratio']:>12.2f}"
         print(row)
     print("vocab sizes: " + ", ".join(f"{k} {v['vocab_size']:,}" for k, v in results.items()))
-    out = args.out or os.path.join(args.tokenizer_dir, "tok_eval.json")
+    out = args.out or os.path.join(tokenizer_dir(args.run_dir), "tok_eval.json")
     with open(out + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(out + ".tmp", out)

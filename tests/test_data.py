@@ -231,17 +231,17 @@ def test_jsonl_folder_is_a_source_and_make_shards(tok, tmp_path):
 
 
 def test_tok_stage_and_eval_on_a_folder(corpus, tmp_path, capsys):
-    out = str(tmp_path / "tok")
-    tok_cli.main_tok(["--source", corpus, "--vocab-size", "300", "--tokenizer-dir", out])
-    t = Tokenizer.from_directory(out)
-    assert t.vocab_size == 300 and (np.load(os.path.join(out, "token_bytes.npy")) == t.token_bytes()).all()
-    tok_cli.main_tok_eval(["--source", corpus, "--tokenizer-dir", out])
-    results = json.loads((tmp_path / "tok" / "tok_eval.json").read_text())
+    out = str(tmp_path / "run")
+    tok_cli.main_tok(["--data-dir", corpus, "--vocab-size", "300", "--run-dir", out])
+    t = Tokenizer.from_directory(tok_cli.tokenizer_dir(out))
+    assert t.vocab_size == 300 and (np.load(os.path.join(out, "tokenizer", "token_bytes.npy")) == t.token_bytes()).all()
+    tok_cli.main_tok_eval(["--data-dir", corpus, "--run-dir", out])
+    results = json.loads((tmp_path / "run" / "tokenizer" / "tok_eval.json").read_text())
     assert results["ours"]["texts"]["val (held out)"]["ratio"] > 1.5
     with pytest.raises(SystemExit, match="too small"):
-        tok_cli.main_tok(["--source", corpus, "--vocab-size", "100", "--tokenizer-dir", out])
+        tok_cli.main_tok(["--data-dir", corpus, "--vocab-size", "100", "--run-dir", out])
     with pytest.raises(SystemExit, match="no tokenizer"):
-        tok_cli.main_tok_eval(["--tokenizer-dir", str(tmp_path / "none")])
+        tok_cli.main_tok_eval(["--run-dir", str(tmp_path / "none")])
 
 
 # ---- download against a local server ----------------------------------------------------------
