@@ -182,7 +182,9 @@ def run(args):
     peak = peak_flops(jax.devices()[0])
     log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
     ema = 0.9
-    bar = tqdm(total=num_iterations, initial=start_step, desc="base", unit="step", dynamic_ncols=True)
+    # In a log file (not a terminal) the bar is refreshed rarely instead of on every step.
+    bar = tqdm(total=num_iterations, initial=start_step, desc="base", unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     step = start_step
     try:
         while True:
@@ -230,6 +232,7 @@ def run(args):
         checkpoints.close()
         for sig, h in previous.items():
             signal.signal(sig, h)
-    print(f"training time (excluding compilation): {loop['training_time_s']:.1f}s | "
-          f"min val bpb: {loop['min_val_bpb']:.4f} | checkpoints: {checkpoints.directory}")
+    best = "n/a" if loop["min_val_bpb"] == float("inf") else f"{loop['min_val_bpb']:.4f}"
+    print(f"training time (excluding compilation): {loop['training_time_s']:.1f}s | min val bpb: {best} | "
+          f"checkpoints: {checkpoints.directory}")
     return params
