@@ -5,6 +5,7 @@ Run `python -m launch.stage <name> --help` for a stage's flags.
 """
 
 import importlib
+import os
 import sys
 
 # name -> (module, function taking argv, one line of help)
@@ -33,7 +34,19 @@ def main(argv=None):
     if name not in STAGES:
         sys.exit(f"unknown stage {name!r}\n\n{usage()}")
     module, function, _ = STAGES[name]
+    if "-h" not in rest and "--help" not in rest:
+        enable_compilation_cache()
     getattr(importlib.import_module(module), function)(rest)
+
+
+def enable_compilation_cache():
+    """Compiled programs persist across runs (a resumed or repeated stage skips most compile time).
+    NANOCHAT_JAX_CACHE overrides the location; an empty value turns it off."""
+    path = os.environ.get("NANOCHAT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanochat_jax", "xla"))
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
 
 
 if __name__ == "__main__":
