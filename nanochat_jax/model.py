@@ -222,13 +222,14 @@ def _mlp_block(x_BTD, layer, p):
 
 
 def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",
-            cache: KVCache | None = None, num_new_B=None):
+            cache: KVCache | None = None, num_new_B=None, last_only: bool = False):
     """Logits (B, T, vocab_size) in float32 for int tokens (B, T).
 
     Without a cache (training, evaluation) T >= 2 and the result is the logits. With a cache, row b's
     tokens continue it at positions lengths_B[b] + t; only the first num_new_B[b] of them (default
     all T) are real, the rest is padding whose keys are never attended to and whose logits mean
-    nothing. Returns (logits, new_cache) with the lengths advanced by num_new_B.
+    nothing. Returns (logits, new_cache) with the lengths advanced by num_new_B; `last_only` keeps
+    just each row's last real position, (B, vocab_size), which spares a prefill the (B, T, V) logits.
     """
     dtype = compute_dtype() if dtype is None else jnp.dtype(dtype)
     p = jax.tree.map(lambda w: w.astype(dtype), params)  # master weights stay float32 outside
@@ -267,11 +268,14 @@ def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention
             x_backout = x
     x = rms_norm(x - p["backout_lambda"] * x_backout)
 
+    if cache is not None:
+        last_B = jnp.clip(num_new_B - 1, 0, T - 1)
+        if last_only:
+            x = jnp.take_along_axis(x, last_B[:, None, None], axis=1)[:, 0]
     logits = linear(x, p["lm_head"])[..., : config.vocab_size].astype(jnp.float32)
     logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
     if cache is None:
         return logits
-    last_B = jnp.clip(num_new_B - 1, 0, T - 1)
     last_x_BD = jnp.take_along_axis(x_embed, last_B[:, None, None], axis=1)[:, 0]
     prev_x_BD = jnp.where((num_new_B > 0)[:, None], last_x_BD, prev_x_BD).astype(cache.prev_x_BD.dtype)
     return logits, KVCache(*cache_kv, cache.lengths_B + num_new_B, prev_x_BD)
