@@ -113,7 +113,7 @@ def _sandbox(tmp, memory_bytes, cpu_seconds, file_bytes):
         elif event == "object.__getattr__":
             bad = args[1] in frame_attributes
         elif event == "object.__setattr__":
-            bad = args[1] in ("__code__", "__defaults__", "__kwdefaults__")
+            bad = args[1] == "__code__"
         if bad:
             if event == "sys._getframe":
                 # The library code that peeks at its caller (namedtuple, enum, typing) already
