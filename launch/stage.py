@@ -15,6 +15,7 @@ STAGES = {
     "tok": ("launch.tok", "main_tok", "train the BPE tokenizer on the pretraining text"),
     "tok_eval": ("launch.tok", "main_tok_eval", "compression ratio of the tokenizer on held-out text"),
     "base": ("launch.base_train", "main", "pretrain a GPT from scratch on the pretraining corpus"),
+    "chat_cli": ("launch.chat_cli", "main", "chat with a trained model in the terminal (-p for one answer)"),
 }
 
 
