@@ -49,3 +49,4 @@ stage base --depth 3 --head-dim 64 --window-pattern L --max-seq-len 256 --device
   --total-batch-size 4096 --num-iterations 150 --warmup-steps 10 --eval-every 50 --eval-tokens 32768 \
   --save-every 50 --resume
 echo "== done: $run_dir" | tee -a "$log"
+echo "chat with it: uv run python -m launch.stage chat_cli --run-dir $run_dir -i base"

@@ -459,8 +459,7 @@ def load_model(run_dir: str, stage: str, model_tag: str | None = None):
         raise FileNotFoundError(f"no model {model_tag!r} in {stage_dir}")
     from nanochat_jax.checkpoint import restore_params
 
-    params, config_dict = restore_params(directory)
-    config = GPTConfig(**config_dict)
+    params, config = restore_params(os.path.join(directory, "checkpoints"))
     tokenizer = Tokenizer.from_directory(os.path.join(run_dir, "tokenizer"))
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"the tokenizer in {run_dir}/tokenizer has {tokenizer.vocab_size} tokens, "
