@@ -28,6 +28,7 @@ class StepConfig:
     model: GPTConfig
     dtype: str = "float32"
     attention_backend: str = "xla"
+    loss_chunk_len: int = 0  # > 0: the head and loss run chunk by chunk (see model.loss_sum)
 
 
 def loss_and_grads(params, tokens_MBT, targets_MBT, step_config: StepConfig, grad_shardings=None):
@@ -35,9 +36,9 @@ def loss_and_grads(params, tokens_MBT, targets_MBT, step_config: StepConfig, gra
     count = jnp.maximum(jnp.sum(targets_MBT != model.IGNORE_INDEX), 1)
 
     def micro_loss(p, tokens_BT, targets_BT):
-        logits = model.forward(p, tokens_BT, step_config.model, dtype=step_config.dtype,
-                               attention_backend=step_config.attention_backend)
-        total, _ = model.cross_entropy_sum(logits, targets_BT)
+        total, _ = model.loss_sum(p, tokens_BT, targets_BT, step_config.model, dtype=step_config.dtype,
+                                  attention_backend=step_config.attention_backend,
+                                  chunk_len=step_config.loss_chunk_len)
         return total / count
 
     def constrain(grads):
