@@ -18,6 +18,7 @@
 # Everything is logged to <run-dir>/speedrun.log (each stage also to <run-dir>/logs/<stage>.log);
 # the script stops at the first failing stage and shows its message.
 set -euo pipefail
+start_dir="$PWD"  # report.md is copied here
 cd "$(dirname "$0")"
 
 preset="" run_dir="" with_rl=0 task_data="" eval_bundle="" skip=","
@@ -129,7 +130,7 @@ if [ "$with_rl" = 1 ]; then
   run chat_eval_rl chat_eval -i rl -a GSM8K
 fi
 rm -f "$run_dir/.done/report"  # the report always reflects everything finished so far
-run report report --copy-to .
-echo "== done: $run_dir (report: $run_dir/report/report.md, copied to ./report.md)" | tee -a "$log"
+run report report --copy-to "$start_dir"
+echo "== done: $run_dir (report: $run_dir/report/report.md, copied to $start_dir/report.md)" | tee -a "$log"
 echo "chat with it: uv run python -m launch.stage chat_cli --run-dir $run_dir -p \"Why is the sky blue?\"" | tee -a "$log"
 echo "   or in the browser: uv run python -m webui --run-dir $run_dir" | tee -a "$log"
