@@ -23,10 +23,12 @@ Decoding passes a `KVCache` to the same `forward`: the layers are one code path 
 prefill and decode; only where keys come from (this call's tokens, or the cache) differs.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from nanochat_jax import attention as attn_lib
 from nanochat_jax.config import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, GPTConfig, compute_dtype
@@ -217,8 +219,16 @@ def _attention_block(x_BTD, layer, ve_BTK, cos_sin, p, config, window, backend, 
 
 
 def _mlp_block(x_BTD, layer, p):
-    h = linear(x_BTD, p["blocks"]["mlp_fc"][layer])
-    return linear(jnp.square(jax.nn.relu(h)), p["blocks"]["mlp_proj"][layer])
+    return _mlp(x_BTD, p["blocks"]["mlp_fc"][layer], p["blocks"]["mlp_proj"][layer])
+
+
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("mlp_hidden"))
+def _mlp(x_BTD, w_fc, w_proj):
+    # The backward pass keeps the block's input and the 4D-wide pre-activation and recomputes ReLU²
+    # from it: one cheap elementwise pass instead of storing a second 4D-wide tensor per layer
+    # (13 GB at d20 with 32 x 2048 tokens).
+    h_BTF = checkpoint_name(linear(x_BTD, w_fc), "mlp_hidden")
+    return linear(jnp.square(jax.nn.relu(h_BTF)), w_proj)
 
 
 def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",
