@@ -230,24 +230,11 @@ def run(args):
                     break
                 for name, fn in schedules.items():
                     opt_state.hyperparams[name] = np.float32(fn(step))
-                tokens, targets = next_step_batch()
-                t0 = time.perf_counter()
-                params, opt_state, loss = step_fn(params, opt_state, tokens, targets)
-                loss = float(loss)  # waits for the step
-                dt = time.perf_counter() - t0
-                compiled_now = step == start_step
-                if not compiled_now:
-                    loop["training_time_s"] += dt  # the first step of a process includes compilation
-                debiased = loop_lib.smoothed(loop, loss, step)
-                tok_s = hp.total_batch_size / dt
-                mfu = None if peak is None else 100 * flops_per_token * tok_s / (peak * n_devices)
-                record(step=step, loss=loss, loss_ema=debiased, dt_s=dt, tokens_per_s=tok_s, mfu_percent=mfu,
-                       lr_multiplier=float(schedules["lr_multiplier"](step)), includes_compile=compiled_now)
+                params, opt_state = loop_lib.timed_step(
+                    step_fn, params, opt_state, next_step_batch(), step=step, start_step=start_step, loop=loop,
+                    tokens=hp.total_batch_size, flops_per_token=flops_per_token, peak=peak, n_devices=n_devices,
+                    log=log, bar=bar, lr_multiplier=float(schedules["lr_multiplier"](step)))
                 step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1f}%")
-                if compiled_now:
-                    tqdm.write(f"step {step - 1:05d} | compile + first step {dt:.1f}s")
                 if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
                     save(step)
         finally:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -96,6 +97,30 @@ def progress_bar(total: int, initial: int, desc: str) -> tqdm:
     # In a log file (not a terminal) the bar is refreshed rarely instead of on every step.
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                 mininterval=0.1 if sys.stderr.isatty() else 30)
+
+
+def timed_step(step_fn, params, opt_state, batch, *, step: int, start_step: int, loop: dict, tokens: int,
+               flops_per_token: int, peak: float | None, n_devices: int, log: MetricsLog, bar: tqdm, **extra):
+    """Runs one optimizer step and accounts for it: wall time (the first step of a process includes
+    compilation and is kept out of the training time), the loss EMA, tokens/s, MFU, a metrics record
+    (with `extra` fields) and the progress bar. Returns the new params and optimizer state."""
+    t0 = time.perf_counter()
+    params, opt_state, loss = step_fn(params, opt_state, *batch)
+    loss = float(loss)  # waits for the step
+    dt = time.perf_counter() - t0
+    compiled_now = step == start_step
+    if not compiled_now:
+        loop["training_time_s"] += dt
+    debiased = smoothed(loop, loss, step)
+    tok_s = tokens / dt
+    mfu = None if peak is None else 100 * flops_per_token * tok_s / (peak * n_devices)
+    log.record(step=step, loss=loss, loss_ema=debiased, dt_s=dt, tokens_per_s=tok_s, mfu_percent=mfu,
+               includes_compile=compiled_now, **extra)
+    bar.update(1)
+    bar.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1f}%")
+    if compiled_now:
+        tqdm.write(f"step {step:05d} | compile + first step {dt:.1f}s")
+    return params, opt_state
 
 
 def smoothed(loop: dict, loss: float, step: int) -> float:
