@@ -183,7 +183,7 @@ def parity_core(in_path: str, model_path: str, out_path: str, bundle: str | None
         params = convert.from_reference({k.removeprefix("param/"): f[k] for k in f.files if k.startswith("param/")}, config)
     # One device: parity is about numbers, and it keeps the longest prompts' batches small.
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    scorer = Scorer(params, config, mesh, pad_id=tokenizer.bos_token_id, batch_tokens=8192, dtype="float32")
+    scorer = Scorer(params, config, mesh, pad_id=tokenizer.bos_token_id, batch_tokens=4096, dtype="float32")
     out = {k: v for k, v in golden.items() if k != "tasks"}
     out["tasks"] = {}
     for label, task_in in golden["tasks"].items():

@@ -14,6 +14,9 @@ STAGES = {
     "tok": ("launch.tok", "main_tok", "train the BPE tokenizer on the pretraining text"),
     "tok_eval": ("launch.tok", "main_tok_eval", "compression ratio of the tokenizer on held-out text"),
     "base": ("launch.base_train", "main", "pretrain a GPT from scratch on the pretraining corpus"),
+    "eval_bundle": ("launch.base_eval", "main_bundle", "download the reference's CORE eval bundle (checksummed)"),
+    "base_eval": ("launch.base_eval", "main", "CORE and bits per byte of a base checkpoint"),
+    "chat_eval": ("launch.chat_eval", "main", "chat tasks (ARC-Easy, ARC-Challenge, MMLU) and ChatCORE of a checkpoint"),
 }
 
 

@@ -1,7 +1,7 @@
 """Batched, jitted scoring of token sequences: the engine under CORE and the categorical chat evals.
 
 Evaluations hand over many short rows of different lengths. Each row is right-padded to a length
-bucket from a short fixed ladder (64, 128, 192, 256, 384, 512, 768, ...), so the forward compiles
+bucket from a short fixed ladder (64, 128, 192, ..., 1536, 2048, 2560, ...), so the forward compiles
 once per bucket instead of once per example; padding on the right is exact because attention is
 causal (no real position ever sees a pad). Rows of one bucket go through in batches of a fixed row
 count, split over the mesh's "data" axis; the parameters are sharded as in training. Rows are
@@ -26,14 +26,15 @@ CANDIDATE_WIDTH = 8  # candidates per row are padded to a multiple of this (choi
 
 
 def bucket_length(n: int) -> int:
-    """The smallest ladder length >= n; at most 1.5x (2x below 128) padding."""
-    size = MIN_BUCKET
-    while True:
-        if n <= size:
-            return size
-        if size >= 2 * MIN_BUCKET and n <= size * 3 // 2:
-            return size * 3 // 2
-        size *= 2
+    """The smallest ladder length >= n. Steps are half an octave up to 2048 and a quarter above,
+    where attention's quadratic cost makes padding dear: at most 1.5x (2x below 128) padding."""
+    size, octave = MIN_BUCKET, MIN_BUCKET
+    while size < n:
+        step = octave // 4 if octave >= 2048 else octave // 2 if octave >= 2 * MIN_BUCKET else octave
+        size += step
+        if size >= 2 * octave:
+            octave *= 2
+    return size
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "attention_backend"))

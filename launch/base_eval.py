@@ -1,0 +1,164 @@
+"""Base-model evaluation: `python -m launch.stage base_eval`, and `eval_bundle` to fetch CORE's data.
+
+    python -m launch.stage eval_bundle                        # once: the reference's eval_bundle.zip
+    python -m launch.stage base_eval --run-dir R --eval core,bpb [--max-per-task 100]
+
+CORE (the reference's 22-task in-context suite, see `nanochat_jax/evals/core.py`) and bits per byte
+on the train and val splits, for a checkpoint the `base` stage wrote (`<run-dir>/base/<model-tag>`,
+or any directory with --checkpoint). CORE reads a local eval bundle (--eval-bundle, default the
+download location); nothing is downloaded while evaluating. Results go to `<run-dir>/base_eval/`.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def resolve_checkpoint(run_dir: str, source: str, model_tag: str | None) -> tuple[str, str]:
+    """(directory, model tag) of `<run_dir>/<source>/<model_tag>`; with no tag, the only model there."""
+    parent = os.path.join(run_dir, source)
+    if model_tag is None:
+        tags = sorted(d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))) if os.path.isdir(parent) else []
+        if len(tags) != 1:
+            raise FileNotFoundError(f"{parent} holds {'no models' if not tags else 'several models: ' + ', '.join(tags)}; "
+                                    f"name one with --model-tag, or pass --checkpoint DIR")
+        model_tag = tags[0]
+    directory = os.path.join(parent, model_tag)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    return directory, model_tag
+
+
+def load_scorer(checkpoint_dir: str, tokenizer, batch_tokens: int, step: int | None = None):
+    """A Scorer for the saved model, on a mesh over every device, in the run's compute dtype."""
+    import jax
+
+    from nanochat_jax import sharding
+    from nanochat_jax.attention import default_backend
+    from nanochat_jax.checkpoint import restore_params
+    from nanochat_jax.config import GPTConfig, compute_dtype
+    from nanochat_jax.evals.scoring import Scorer
+
+    params, config = restore_params(checkpoint_dir) if step is None else restore_params(checkpoint_dir, step=step)
+    if not isinstance(config, GPTConfig):
+        config = GPTConfig(**{k: v for k, v in dict(config).items() if k in GPTConfig.__dataclass_fields__})
+    if config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's ({tokenizer.vocab_size})")
+    mesh = sharding.make_mesh()
+    print(f"model: {json.dumps(config.to_json_dict())} | devices: {len(jax.devices())} | dtype: {compute_dtype().name}")
+    return Scorer(params, config, mesh, pad_id=tokenizer.bos_token_id, batch_tokens=batch_tokens,
+                  dtype=compute_dtype(), attention_backend=default_backend())
+
+
+def load_tokenizer(run_dir: str):
+    from launch.tok import tokenizer_dir
+    from nanochat_jax.tokenizer import Tokenizer
+
+    path = tokenizer_dir(run_dir)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no tokenizer in {path}; run `python -m launch.stage tok --run-dir {run_dir}` first")
+    return Tokenizer.from_directory(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nanochat_jax.evals.bundle import DEFAULT_BUNDLE_DIR
+
+    p = argparse.ArgumentParser(prog="python -m launch.stage base_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/default", help="run directory: reads tokenizer/ and base/, writes base_eval/")
+    p.add_argument("--model-tag", default=None, help="model under <run-dir>/base/ (default: the only one)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (overrides --run-dir/--model-tag)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--eval", default="core,bpb", help="comma-separated: core, bpb (default: %(default)s)")
+    p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task after the shuffle (-1 = all)")
+    p.add_argument("--eval-bundle", default=None, help=f"CORE eval bundle folder (default: {DEFAULT_BUNDLE_DIR}); "
+                   "../shared/data/core is laid out like it")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per CORE scoring batch (memory vs speed)")
+    p.add_argument("--data-dir", default=None, help="bpb: folder of pretraining shards (default: the built-in corpus)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="bpb: rows per device")
+    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb: tokens evaluated per split")
+    return p
+
+
+def main(argv=None):
+    from nanochat_jax.evals.bundle import BundleError
+
+    args = build_parser().parse_args(argv)
+    modes = {m.strip() for m in args.eval.split(",") if m.strip()}
+    if "sample" in modes:
+        sys.exit("base_eval: --eval sample needs the inference engine, which is not available yet; use core,bpb")
+    if not modes or modes - {"core", "bpb"}:
+        sys.exit(f"base_eval: unknown --eval modes {sorted(modes - {'core', 'bpb'}) or '(none)'}; choose from core, bpb")
+    try:
+        run(args, modes)
+    except (FileNotFoundError, ValueError, BundleError) as e:
+        sys.exit(f"base_eval: {e}")
+
+
+def run(args, modes):
+    from nanochat_jax.evals import bundle, core
+
+    bundle_dir = bundle.find_bundle(args.eval_bundle) if "core" in modes else None  # fail before loading a model
+    tokenizer = load_tokenizer(args.run_dir)
+    if args.checkpoint:
+        checkpoint, tag = args.checkpoint, os.path.basename(os.path.normpath(args.checkpoint))
+    else:
+        checkpoint, tag = resolve_checkpoint(args.run_dir, "base", args.model_tag)
+    scorer = load_scorer(checkpoint, tokenizer, args.batch_tokens, args.step)
+    out_dir = os.path.join(args.run_dir, "base_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    record = {"checkpoint": checkpoint}
+    if "bpb" in modes:
+        record["bpb"] = evaluate_bpb_splits(scorer, tokenizer, args)
+    if "core" in modes:
+        print("=" * 80 + "\nCORE evaluation\n" + "=" * 80)
+        summary = core.evaluate_core(scorer, tokenizer, bundle_dir, max_per_task=args.max_per_task)
+        csv_path = os.path.join(out_dir, f"{tag}.csv")
+        core.write_csv(summary, csv_path)
+        print(f"results written to {csv_path}\n{core.core_line(summary)}")
+        record["core"] = summary
+    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def evaluate_bpb_splits(scorer, tokenizer, args) -> dict:
+    """Bits per byte on the train and val splits, as the reference reports them."""
+    import jax
+
+    from nanochat_jax import data, sharding
+    from nanochat_jax.evals.bpb import evaluate_bpb
+
+    seq_len = scorer.config.sequence_len
+    n_devices = len(jax.devices())
+    tokens_per_step = args.device_batch_size * seq_len * n_devices
+    steps = max(1, args.split_tokens // tokens_per_step)
+    local_rows = args.device_batch_size * jax.local_device_count()
+    token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(scorer.mesh))
+    batch_sharding = sharding.batch_sharding(scorer.mesh)
+    out = {}
+    for split in ("train", "val"):
+        batches = data.pretrain_batches(tokenizer, local_rows, seq_len, source=args.data_dir, split=split,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+        out[split] = evaluate_bpb(scorer.params, batches, steps, token_bytes, config=scorer.config, dtype=scorer.dtype,
+                                  attention_backend=scorer.attention_backend,
+                                  to_global=lambda x: sharding.global_batch(x, batch_sharding))
+        print(f"{split} bpb: {out[split]:.6f} ({steps} batches of {tokens_per_step:,} tokens)")
+    return out
+
+
+def main_bundle(argv=None):
+    from nanochat_jax.evals import bundle
+
+    p = argparse.ArgumentParser(prog="python -m launch.stage eval_bundle",
+                                description="Download and unpack the reference's CORE eval bundle (checksummed).")
+    p.add_argument("--out", default=bundle.DEFAULT_BUNDLE_DIR, help="where the bundle folder goes (default: %(default)s)")
+    p.add_argument("--url", default=bundle.EVAL_BUNDLE_URL, help="archive URL (default: the reference's)")
+    p.add_argument("--sha256", default=bundle.EVAL_BUNDLE_SHA256,
+                   help="expected sha256 of the archive (default: the reference's); 'none' skips the check")
+    args = p.parse_args(argv)
+    try:
+        dest = bundle.download_bundle(args.out, args.url, None if args.sha256.lower() == "none" else args.sha256)
+    except (bundle.BundleError, OSError) as e:
+        sys.exit(f"eval_bundle: {e}")
+    print(f"eval bundle in {dest}; base_eval finds it there (or pass --eval-bundle {dest})")

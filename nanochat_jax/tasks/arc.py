@@ -1,0 +1,31 @@
+"""ARC-Easy and ARC-Challenge (AI2), multiple choice with 3-5 answers labelled A-E or 1-5.
+
+Files: `<data_dir>/arc/ARC-{Easy,Challenge}/ARC-{Easy,Challenge}-{Train,Dev,Test}.jsonl[.gz]` in AI2's
+release schema (`question.stem`, `question.choices[{text,label}]`, `answerKey`), rows in the order of
+Hugging Face `allenai/ai2_arc`, whose `validation` split is `Dev` here.
+"""
+
+import json
+
+from nanochat_jax.tasks.common import TaskDataError, find_file, hub_shuffle_order, mc_conversation, open_text
+
+SUBSETS = ("ARC-Easy", "ARC-Challenge")
+SPLITS = {"train": "Train", "validation": "Dev", "test": "Test"}
+
+
+def load(data_dir: str, subset: str, split: str = "test") -> list[dict]:
+    """Conversations in the reference's order (the hub's row order shuffled with seed 42)."""
+    if subset not in SUBSETS or split not in SPLITS:
+        raise ValueError(f"ARC subset must be one of {SUBSETS} and split one of {sorted(SPLITS)}")
+    path = find_file(data_dir, f"arc/{subset}/{subset}-{SPLITS[split]}.jsonl")
+    with open_text(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = []
+    for i in hub_shuffle_order(len(rows)):
+        row = rows[i]
+        choices = row["question"]["choices"]
+        letters = [c["label"] for c in choices]
+        if row["answerKey"] not in letters:
+            raise TaskDataError(f"{path}: row {i} answer {row['answerKey']!r} is not one of {letters}")
+        out.append(mc_conversation(row["question"]["stem"], letters, [c["text"] for c in choices], row["answerKey"]))
+    return out
