@@ -1,0 +1,116 @@
+"""Eval entry points: the eval bundle download (against a local server), clear errors for missing
+inputs, and the stages' registration."""
+
+import hashlib
+import http.server
+import io
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+
+import pytest
+
+from nanochat_jax.evals import bundle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bundle_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("eval_bundle/core.yaml", "icl_tasks:\n-\n  label: t\n  dataset_uri: d/t.jsonl\n  num_fewshot: [0]\n"
+                   "  icl_task_type: multiple_choice\n")
+        z.writestr("eval_bundle/eval_meta_data.csv", "Eval Task,Random baseline\nt,50\n")
+        z.writestr("eval_bundle/eval_data/d/t.jsonl", '{"query": "q", "choices": ["a", "b"], "gold": 0}\n')
+    return buf.getvalue()
+
+
+class _Server:
+    """Serves one archive; `cut_once` drops the first connection halfway (to test resuming)."""
+
+    def __init__(self, body: bytes):
+        self.body, self.cut_once, self.ranges = body, False, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                if not self.path.endswith("/eval_bundle.zip"):
+                    self.send_error(404)
+                    return
+                rng = self.headers.get("Range")
+                server.ranges.append(rng)
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(server.body) - start))
+                self.end_headers()
+                if server.cut_once:
+                    server.cut_once = False
+                    self.wfile.write(server.body[start:start + (len(server.body) - start) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(server.body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/eval_bundle.zip"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server(_bundle_zip())
+    yield s
+    s.close()
+
+
+def test_download_resumes_checks_sha256_and_unpacks(server, tmp_path):
+    dest = tmp_path / "eval_bundle"
+    server.cut_once = True
+    got = bundle.download_bundle(str(dest), server.url, hashlib.sha256(server.body).hexdigest(), backoff_s=0)
+    assert server.ranges[0] is None and server.ranges[1].startswith("bytes=")  # the second request resumed
+    assert bundle.find_bundle(got) == str(dest)
+    assert (dest / "eval_data" / "d" / "t.jsonl").exists()
+    assert sorted(os.listdir(tmp_path)) == ["eval_bundle"]  # no archive or staging left behind
+    with pytest.raises(bundle.BundleError, match="already exists"):
+        bundle.download_bundle(str(dest), server.url, None)
+
+
+def test_download_refuses_a_wrong_checksum_and_keeps_nothing(server, tmp_path):
+    with pytest.raises(bundle.BundleError, match="sha256"):
+        bundle.download_bundle(str(tmp_path / "b"), server.url, "0" * 64, backoff_s=0)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(bundle.BundleError, match="404"):
+        bundle.download_bundle(str(tmp_path / "b"), server.url.replace("eval_bundle.zip", "nope.zip"), None)
+
+
+def test_find_bundle_tells_how_to_get_one(tmp_path):
+    with pytest.raises(bundle.BundleError, match="launch.stage eval_bundle.*--eval-bundle"):
+        bundle.find_bundle(str(tmp_path / "absent"))
+    (tmp_path / "core.yaml").write_text("icl_tasks: []\n")
+    with pytest.raises(bundle.BundleError, match="lacks eval_meta_data.csv, eval_data"):
+        bundle.find_bundle(str(tmp_path))
+
+
+def _stage(*args):
+    return subprocess.run([sys.executable, "-m", "launch.stage", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_eval_stages_fail_clearly_without_inputs(tmp_path):
+    proc = _stage("base_eval", "--run-dir", str(tmp_path), "--eval-bundle", str(tmp_path / "none"))
+    assert proc.returncode != 0 and "eval_bundle" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _stage("base_eval", "--run-dir", str(tmp_path), "--eval", "core,sample")
+    assert proc.returncode != 0 and "inference engine" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _stage("chat_eval", "-i", "sft", "--run-dir", str(tmp_path), "--data-dir", os.path.join(ROOT, "tests", "data"))
+    assert proc.returncode != 0 and "no tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _stage("chat_eval", "-i", "sft", "-a", "HumanEval", "--data-dir", str(tmp_path))
+    assert proc.returncode != 0 and "need sampling" in proc.stderr and "Traceback" not in proc.stderr
+    out = _stage("--help").stdout
+    assert all(name in out for name in ("eval_bundle", "base_eval", "chat_eval"))
