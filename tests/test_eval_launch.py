@@ -114,3 +114,59 @@ def test_eval_stages_fail_clearly_without_inputs(tmp_path):
     assert proc.returncode != 0 and "need sampling" in proc.stderr and "Traceback" not in proc.stderr
     out = _stage("--help").stdout
     assert all(name in out for name in ("eval_bundle", "base_eval", "chat_eval"))
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A run directory with the golden tokenizer and a tiny random model, restored through a stand-in
+    for the checkpoint module (`restore_params(directory) -> (params, config)` is all the stages use)."""
+    import json
+    import types
+
+    import jax
+
+    from launch.parity import _golden_tokenizer
+    from nanochat_jax import model
+    from nanochat_jax.config import GPTConfig
+
+    with open(os.path.join(ROOT, "tests", "golden", "tokenizer_a.json")) as f:
+        _golden_tokenizer(json.load(f)).save(str(tmp_path / "tokenizer"))
+    config = GPTConfig(sequence_len=64, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    params = jax.device_get(model.init_params(config, jax.random.key(0)))
+    restored = []
+
+    def restore_params(directory):
+        restored.append(directory)
+        return params, config.to_json_dict()
+
+    monkeypatch.setitem(sys.modules, "nanochat_jax.checkpoint", types.SimpleNamespace(restore_params=restore_params))
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    for source in ("base", "sft"):
+        (tmp_path / source / "d2").mkdir(parents=True)
+    return tmp_path, restored
+
+
+@pytest.mark.filterwarnings("ignore:.*-shot needs")  # one example per task: few-shot counts are clamped
+def test_base_eval_and_chat_eval_end_to_end(run_dir, capsys):
+    import json
+
+    from launch import base_eval, chat_eval
+
+    root, restored = run_dir
+    base_eval.main(["--run-dir", str(root), "--eval", "core,bpb", "--eval-bundle", os.path.join(ROOT, "tests", "data", "core"),
+                    "--max-per-task", "1", "--batch-tokens", "512", "--device-batch-size", "1", "--split-tokens", "1"])
+    out = capsys.readouterr().out
+    assert restored == [str(root / "base" / "d2")]
+    assert "CORE metric: PARTIAL" in out and "train bpb" in out and "val bpb" in out
+    record = json.loads((root / "base_eval" / "d2.json").read_text())
+    # The test bundle holds 7 of core.yaml's 22 task files: the other 15 are reported missing.
+    assert record["core"]["core_metric"] is None and len(record["core"]["results"]) == 7
+    assert len(record["core"]["missing"]) == 15 and "squad" in record["core"]["missing"]
+    assert "15 missing" not in out and "over 7 of 22 tasks" in out
+    assert record["bpb"]["train"] > 0 and record["bpb"]["val"] > 0
+    chat_eval.main(["-i", "sft", "-a", "ARC-Easy|MMLU", "--run-dir", str(root), "--data-dir", os.path.join(ROOT, "tests", "data"),
+                    "-x", "4", "--batch-tokens", "1024"])
+    out = capsys.readouterr().out
+    assert "ARC-Easy accuracy" in out and "MMLU accuracy" in out and "ChatCORE metric: PARTIAL" in out
+    record = json.loads((root / "chat_eval" / "sft_d2.json").read_text())
+    assert set(record["accuracy"]) == {"ARC-Easy", "MMLU"} and record["chatcore"] is None
