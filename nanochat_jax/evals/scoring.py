@@ -4,8 +4,9 @@ Evaluations hand over many short rows of different lengths. Each row is right-pa
 bucket from a short fixed ladder (64, 128, 192, ..., 1536, 2048, 2560, ...), so the forward compiles
 once per bucket instead of once per example; padding on the right is exact because attention is
 causal (no real position ever sees a pad). Rows of one bucket go through in batches of a fixed row
-count, split over the mesh's "data" axis; the parameters are sharded as in training. Rows are
-batched in a fixed order, so the same evaluation twice gives identical numbers.
+count (a smaller power of two for a short last batch), split over the mesh's "data" axis; the
+parameters are sharded as in training. Rows are batched in a fixed order, so the same evaluation
+twice gives identical numbers.
 
 The numbers are those of the reference's scoring: per position, the cross-entropy of the next token
 under the float32 logits and the argmax prediction; or the logits of a few candidate tokens at one
@@ -96,9 +97,13 @@ class Scorer:
             by_bucket.setdefault(bucket_length(len(row)), []).append(i)
         plan = []
         for length in sorted(by_bucket):
-            per_batch = -(-max(1, self.batch_tokens // length) // n_data) * n_data
+            most = -(-max(1, self.batch_tokens // length) // n_data)  # rows per device in a full batch
             members = by_bucket[length]
-            plan += [(length, per_batch, members[k:k + per_batch]) for k in range(0, len(members), per_batch)]
+            for k in range(0, len(members), most * n_data):
+                chunk = members[k:k + most * n_data]
+                # A short batch shrinks to a power of two rows per device: little padding, few shapes.
+                per_device = min(most, 1 << (-(-len(chunk) // n_data) - 1).bit_length())
+                plan.append((length, per_device * n_data, chunk))
         from tqdm import tqdm
 
         for length, per_batch, members in tqdm(plan, desc=desc, unit="batch", leave=False,
