@@ -5,7 +5,7 @@
 
 CORE (the reference's 22-task in-context suite, see `nanochat_jax/evals/core.py`) and bits per byte
 on the train and val splits, for a checkpoint the `base` stage wrote (`<run-dir>/base/<model-tag>`,
-or any directory with --checkpoint). CORE reads a local eval bundle (--eval-bundle, default the
+or any checkpoints directory with --checkpoint). CORE reads a local eval bundle (--eval-bundle, default the
 download location); nothing is downloaded while evaluating. Results go to `<run-dir>/base_eval/`.
 """
 
@@ -15,50 +15,42 @@ import os
 import sys
 
 
-def resolve_checkpoint(run_dir: str, source: str, model_tag: str | None) -> tuple[str, str]:
-    """(directory, model tag) of `<run_dir>/<source>/<model_tag>`; with no tag, the only model there."""
-    parent = os.path.join(run_dir, source)
-    if model_tag is None:
-        tags = sorted(d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))) if os.path.isdir(parent) else []
-        if len(tags) != 1:
-            raise FileNotFoundError(f"{parent} holds {'no models' if not tags else 'several models: ' + ', '.join(tags)}; "
-                                    f"name one with --model-tag, or pass --checkpoint DIR")
-        model_tag = tags[0]
-    directory = os.path.join(parent, model_tag)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint directory {directory}")
-    return directory, model_tag
+def load_checkpoint(run_dir: str, source: str, model_tag: str | None, checkpoint: str | None):
+    """(params, config, tokenizer, name) of the model to evaluate: `<run_dir>/<source>/<model_tag>`
+    found as the chat CLI finds it (no tag: the only or newest model), or the checkpoint directory
+    `checkpoint`; the tokenizer is the run's. `name` labels the output files."""
+    from nanochat_jax.engine import load_model
+
+    if checkpoint is None:
+        params, config, tokenizer = load_model(run_dir, source, model_tag)
+        return params, config, tokenizer, model_tag or f"d{config.n_layer}"
+    from launch.tok import tokenizer_dir
+    from nanochat_jax.checkpoint import restore_params
+    from nanochat_jax.tokenizer import Tokenizer
+
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
+    tokenizer = Tokenizer.from_directory(tokenizer_dir(run_dir))
+    params, config = restore_params(checkpoint)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir(run_dir)} has {tokenizer.vocab_size} tokens, the model "
+                         f"{config.vocab_size}: they are not from the same run")
+    parts = os.path.normpath(os.path.abspath(checkpoint)).split(os.sep)
+    return params, config, tokenizer, parts[-2] if parts[-1] == "checkpoints" else parts[-1]
 
 
-def load_scorer(checkpoint_dir: str, tokenizer, batch_tokens: int, step: int | None = None):
-    """A Scorer for the saved model, on a mesh over every device, in the run's compute dtype."""
+def make_scorer(params, config, tokenizer, batch_tokens: int):
+    """A Scorer on a mesh over every device, in the run's compute dtype and attention backend."""
     import jax
 
     from nanochat_jax import sharding
     from nanochat_jax.attention import default_backend
-    from nanochat_jax.checkpoint import restore_params
-    from nanochat_jax.config import GPTConfig, compute_dtype
+    from nanochat_jax.config import compute_dtype
     from nanochat_jax.evals.scoring import Scorer
 
-    params, config = restore_params(checkpoint_dir) if step is None else restore_params(checkpoint_dir, step=step)
-    if not isinstance(config, GPTConfig):
-        config = GPTConfig(**{k: v for k, v in dict(config).items() if k in GPTConfig.__dataclass_fields__})
-    if config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's ({tokenizer.vocab_size})")
-    mesh = sharding.make_mesh()
     print(f"model: {json.dumps(config.to_json_dict())} | devices: {len(jax.devices())} | dtype: {compute_dtype().name}")
-    return Scorer(params, config, mesh, pad_id=tokenizer.bos_token_id, batch_tokens=batch_tokens,
+    return Scorer(params, config, sharding.make_mesh(), pad_id=tokenizer.bos_token_id, batch_tokens=batch_tokens,
                   dtype=compute_dtype(), attention_backend=default_backend())
-
-
-def load_tokenizer(run_dir: str):
-    from launch.tok import tokenizer_dir
-    from nanochat_jax.tokenizer import Tokenizer
-
-    path = tokenizer_dir(run_dir)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no tokenizer in {path}; run `python -m launch.stage tok --run-dir {run_dir}` first")
-    return Tokenizer.from_directory(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.stage base_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="run directory: reads tokenizer/ and base/, writes base_eval/")
-    p.add_argument("--model-tag", default=None, help="model under <run-dir>/base/ (default: the only one)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (overrides --run-dir/--model-tag)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--model-tag", default=None, help="model under <run-dir>/base/ (default: the only or newest)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoints directory to evaluate instead (its last step)")
     p.add_argument("--eval", default="core,bpb", help="comma-separated: core, bpb (default: %(default)s)")
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task after the shuffle (-1 = all)")
     p.add_argument("--eval-bundle", default=None, help=f"CORE eval bundle folder (default: {DEFAULT_BUNDLE_DIR}); "
@@ -100,15 +91,11 @@ def run(args, modes):
     from nanochat_jax.evals import bundle, core
 
     bundle_dir = bundle.find_bundle(args.eval_bundle) if "core" in modes else None  # fail before loading a model
-    tokenizer = load_tokenizer(args.run_dir)
-    if args.checkpoint:
-        checkpoint, tag = args.checkpoint, os.path.basename(os.path.normpath(args.checkpoint))
-    else:
-        checkpoint, tag = resolve_checkpoint(args.run_dir, "base", args.model_tag)
-    scorer = load_scorer(checkpoint, tokenizer, args.batch_tokens, args.step)
+    params, config, tokenizer, tag = load_checkpoint(args.run_dir, "base", args.model_tag, args.checkpoint)
+    scorer = make_scorer(params, config, tokenizer, args.batch_tokens)
     out_dir = os.path.join(args.run_dir, "base_eval")
     os.makedirs(out_dir, exist_ok=True)
-    record = {"checkpoint": checkpoint}
+    record = {"model": tag, "model_config": config.to_json_dict()}
     if "bpb" in modes:
         record["bpb"] = evaluate_bpb_splits(scorer, tokenizer, args)
     if "core" in modes:

@@ -3,12 +3,15 @@
 Flags and defaults are the reference's (`scripts/base_train.py`); the depth dial derives width,
 batch size, learning rates, weight decay and the horizon, printed at the start. The run directory
 is explicit: the stage reads `<run-dir>/tokenizer` (written by the `tok` stage) and writes
-`<run-dir>/base/` (checkpoints, `metrics.jsonl`).
+`<run-dir>/base/<model-tag>/`: `checkpoints/` (Orbax; the last one is the trained model) and
+`metrics.jsonl`. Ctrl-C or SIGTERM saves a checkpoint and exits cleanly; `--resume` continues from
+the latest checkpoint exactly where it stopped (same next batch, same schedules, same loop state).
 """
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -45,7 +48,48 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, default=250, help="val bits-per-byte every N steps (-1 = off)")
     g.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per val evaluation")
+    g.add_argument("--sample-every", type=int, default=2000, help="print greedy continuations of a few prompts every N steps (-1 = off)")
+    g.add_argument("--wandb-project", default=None, help="also log to Weights & Biases under this project (needs `pip install wandb`)")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints kept (older ones are deleted)")
+    g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = off)")
+    g.add_argument("--resume", action="store_true", help="resume from the latest checkpoint, if any")
     return p
+
+
+SAMPLE_PROMPTS = [
+    "The largest ocean on Earth is",
+    "Water freezes at a temperature of",
+    "The first person to walk on the Moon was",
+    "Three plus four equals",
+]
+
+
+def greedy_continuations(params, config, tokenizer, prompts, max_tokens, *, dtype, attention_backend):
+    """Greedy continuations from the full forward on a fixed-size buffer (one compilation; the
+    model is causal, so the padding after the written tokens never changes a prediction)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nanochat_jax import model
+
+    encoded = [tokenizer.encode(p, prepend=tokenizer.bos_token_id) for p in prompts]
+    length = -(-(max(map(len, encoded)) + max_tokens) // 32) * 32
+    buffer = np.zeros((len(prompts), length), np.int32)
+    for row, ids in enumerate(encoded):
+        buffer[row, : len(ids)] = ids
+    positions = np.array([len(ids) for ids in encoded])
+
+    @jax.jit
+    def next_tokens(params, buffer, positions):
+        logits = model.forward(params, buffer, config, dtype=dtype, attention_backend=attention_backend)
+        return jnp.argmax(logits[jnp.arange(len(prompts)), positions - 1], axis=-1)
+
+    for _ in range(max_tokens):
+        buffer[np.arange(len(prompts)), positions] = np.asarray(next_tokens(params, buffer, positions))
+        positions += 1
+    return [tokenizer.decode(buffer[row, len(ids) : positions[row]].tolist()) for row, ids in enumerate(encoded)]
 
 
 def peak_flops(device) -> float | None:
@@ -72,6 +116,7 @@ def run(args):
     from tqdm import tqdm
 
     from nanochat_jax import data, model, optim, sharding, train
+    from nanochat_jax.checkpoint import Checkpoints
     from nanochat_jax.config import compute_dtype, config_from_depth
     from nanochat_jax.evals.bpb import evaluate_bpb
     from nanochat_jax.tokenizer import Tokenizer
@@ -131,6 +176,29 @@ def run(args):
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_batches = data.pretrain_batches(tokenizer, local_rows, args.max_seq_len, source=args.data_dir,
                                           split="train", seed=args.seed, **proc)
+
+    checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), keep=args.keep)
+    loop = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "training_time_s": 0.0}
+    start_step = 0
+    resume_step = args.resume_from_step if args.resume_from_step >= 0 else (checkpoints.latest_step() if args.resume else None)
+    if resume_step is None and checkpoints.latest_step() is not None:
+        raise ValueError(f"{checkpoints.directory} already holds checkpoints {checkpoints.all_steps()}; pass --resume "
+                         f"to continue that run, or another --model-tag / --run-dir for a new one")
+    if resume_step is not None:
+        saved = checkpoints.meta(resume_step)["model_config"]
+        if saved != config.to_json_dict():
+            raise ValueError(f"{checkpoints.directory} step {resume_step} holds another model ({saved}); "
+                             f"use the flags of that run, or another --model-tag / --run-dir")
+        params, opt_state, data_state, meta = checkpoints.restore(resume_step, params, opt_state)
+        train_batches.set_state(data_state)
+        loop, start_step = meta["loop"], meta["step"]
+        print(f"resumed from step {start_step} of {checkpoints.directory}")
+
+    def save(step):
+        meta = {"model_config": config.to_json_dict(), "flags": vars(args), "loop": loop, "seed": args.seed,
+                "total_batch_size": hp.total_batch_size, "num_iterations": num_iterations}
+        checkpoints.save(step, params, opt_state, train_batches.get_state(), meta)
+
     micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     eval_sharding = sharding.batch_sharding(mesh)
     token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(mesh))
@@ -149,43 +217,82 @@ def run(args):
                             attention_backend=step_config.attention_backend,
                             to_global=lambda x: sharding.global_batch(x, eval_sharding))
 
+    stop = []  # set by SIGINT/SIGTERM: finish the step, save, exit
+    handler = lambda signum, frame: stop.append(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
     peak = peak_flops(jax.devices()[0])
     log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-    smooth_loss, ema = 0.0, 0.9
-    training_time, min_bpb, bpb = 0.0, float("inf"), None
-    bar = tqdm(total=num_iterations, desc="base", unit="step", dynamic_ncols=True)
-    for step in range(num_iterations + 1):
-        last = step == num_iterations
-        if args.eval_every > 0 and (last or step % args.eval_every == 0):
-            bpb = val_bpb()
-            min_bpb = min(min_bpb, bpb)
-            record = {"step": step, "val_bpb": bpb, "training_time_s": training_time}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
-        if last:
-            break
-        for name, fn in schedules.items():
-            opt_state.hyperparams[name] = np.float32(fn(step))
-        tokens, targets = next_step_batch()
-        t0 = time.perf_counter()
-        params, opt_state, loss = step_fn(params, opt_state, tokens, targets)
-        loss = float(loss)  # waits for the step
-        dt = time.perf_counter() - t0
-        if step > 0:
-            training_time += dt  # the first step includes compilation
-        smooth_loss = ema * smooth_loss + (1 - ema) * loss
-        debiased = smooth_loss / (1 - ema ** (step + 1))
-        tok_s = hp.total_batch_size / dt
-        mfu = None if peak is None else 100 * flops_per_token * tok_s / (peak * n_devices)
-        record = {"step": step, "loss": loss, "loss_ema": debiased, "lr_multiplier": float(schedules["lr_multiplier"](step)),
-                  "dt_s": dt, "tokens_per_s": tok_s, "mfu_percent": mfu, "compile": step == 0}
-        log.write(json.dumps(record) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1f}%")
-        if step == 0:
-            tqdm.write(f"step 00000 | compile + first step {dt:.1f}s")
-    bar.close()
-    log.close()
-    print(f"training time (excluding the first step): {training_time:.1f}s | min val bpb: {min_bpb:.4f}")
-    return params, opt_state
+    wandb_run = None
+    if args.wandb_project and jax.process_index() == 0:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb-project needs the wandb package: `uv pip install wandb`") from None
+        wandb_run = wandb.init(project=args.wandb_project, name=args.model_tag or f"d{args.depth}", config=vars(args))
+
+    def record(**fields):
+        log.write(json.dumps(fields) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(fields, step=fields["step"])
+    ema = 0.9
+    # In a log file (not a terminal) the bar is refreshed rarely instead of on every step.
+    bar = tqdm(total=num_iterations, initial=start_step, desc="base", unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
+    step = start_step
+    try:
+        while True:
+            last = step == num_iterations
+            if last or stop:
+                save(step)  # before the final eval: an eval crash must not cost the run
+            if stop:
+                tqdm.write(f"interrupted: saved step {step}; continue with --resume")
+                break
+            if args.eval_every > 0 and (last or step % args.eval_every == 0) and not (step == start_step > 0):
+                bpb = val_bpb()
+                loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
+                record(step=step, val_bpb=bpb, training_time_s=loop["training_time_s"])
+                log.flush()
+                tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
+            if args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
+                samples = greedy_continuations(params, config, tokenizer, SAMPLE_PROMPTS, 16, dtype=dtype.name,
+                                               attention_backend=step_config.attention_backend)
+                for prompt, text in zip(SAMPLE_PROMPTS, samples):
+                    tqdm.write(f"  {prompt!r} -> {text!r}")
+            if last:
+                break
+            for name, fn in schedules.items():
+                opt_state.hyperparams[name] = np.float32(fn(step))
+            tokens, targets = next_step_batch()
+            t0 = time.perf_counter()
+            params, opt_state, loss = step_fn(params, opt_state, tokens, targets)
+            loss = float(loss)  # waits for the step
+            dt = time.perf_counter() - t0
+            compiled_now = step == start_step
+            if not compiled_now:
+                loop["training_time_s"] += dt  # the first step of a process includes compilation
+            loop["smooth_loss"] = ema * loop["smooth_loss"] + (1 - ema) * loss
+            debiased = loop["smooth_loss"] / (1 - ema ** (step + 1))
+            tok_s = hp.total_batch_size / dt
+            mfu = None if peak is None else 100 * flops_per_token * tok_s / (peak * n_devices)
+            record(step=step, loss=loss, loss_ema=debiased, dt_s=dt, tokens_per_s=tok_s, mfu_percent=mfu,
+                   lr_multiplier=float(schedules["lr_multiplier"](step)), includes_compile=compiled_now)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1f}%")
+            if compiled_now:
+                tqdm.write(f"step {step - 1:05d} | compile + first step {dt:.1f}s")
+            if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
+                save(step)
+    finally:
+        bar.close()
+        log.close()
+        checkpoints.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    best = "n/a" if loop["min_val_bpb"] == float("inf") else f"{loop['min_val_bpb']:.4f}"
+    print(f"training time (excluding compilation): {loop['training_time_s']:.1f}s | min val bpb: {best} | "
+          f"checkpoints: {checkpoints.directory}")
+    return params

@@ -34,7 +34,7 @@ def _tokenizer(path: str | None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=20, help="random-weight model of this depth (ignored with --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="time a saved model instead")
+    p.add_argument("--checkpoint", default=None, help="time a saved model instead (a checkpoints directory)")
     p.add_argument("--tokenizer", default=None, help="a saved tokenizer folder (default: the golden test tokenizer)")
     p.add_argument("--eval-bundle", default=None, help="CORE eval bundle folder (default: the download location)")
     p.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1 = all)")
@@ -59,9 +59,11 @@ def run(args):
     bundle_dir = bundle.find_bundle(args.eval_bundle)
     tokenizer = _tokenizer(args.tokenizer)
     if args.checkpoint:
-        from launch.base_eval import load_scorer
+        from nanochat_jax.checkpoint import restore_params
+        from launch.base_eval import make_scorer
 
-        scorer = load_scorer(args.checkpoint, tokenizer, args.batch_tokens)
+        params, config = restore_params(args.checkpoint)
+        scorer = make_scorer(params, config, tokenizer, args.batch_tokens)
         what = args.checkpoint
     else:
         config = config_from_depth(args.depth)

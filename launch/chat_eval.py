@@ -21,10 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--source", required=True, help="which model: a folder under <run-dir> (base, mid, sft, rl)")
     p.add_argument("-a", "--task-name", default=None, help=f"tasks separated by | (default: {'|'.join(CATEGORICAL)})")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate only the first N problems of each task")
-    p.add_argument("-g", "--model-tag", default=None, help="model under <run-dir>/<source>/ (default: the only one)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("-g", "--model-tag", default=None, help="model under <run-dir>/<source>/ (default: the only or newest)")
     p.add_argument("--run-dir", default="runs/default", help="run directory: reads tokenizer/ and <source>/, writes chat_eval/")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (overrides --run-dir/--source/--model-tag)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoints directory to evaluate instead (its last step)")
     p.add_argument("--data-dir", default=None, help="task data folder laid out like ../shared/data (arc/, mmlu/)")
     p.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per scoring batch (memory vs speed)")
     return p
@@ -43,7 +42,7 @@ def main(argv=None):
 
 
 def run(args, names):
-    from launch.base_eval import load_scorer, load_tokenizer, resolve_checkpoint
+    from launch.base_eval import load_checkpoint, make_scorer
     from nanochat_jax.evals import chat
 
     if args.data_dir is None:
@@ -51,12 +50,8 @@ def run(args, names):
     tasks = {name: chat.load_task(name, args.data_dir) for name in names}  # fail on data before loading a model
     if args.max_problems is not None:
         tasks = {name: convs[:args.max_problems] for name, convs in tasks.items()}
-    tokenizer = load_tokenizer(args.run_dir)
-    if args.checkpoint:
-        checkpoint, tag = args.checkpoint, os.path.basename(os.path.normpath(args.checkpoint))
-    else:
-        checkpoint, tag = resolve_checkpoint(args.run_dir, args.source, args.model_tag)
-    scorer = load_scorer(checkpoint, tokenizer, args.batch_tokens, args.step)
+    params, config, tokenizer, tag = load_checkpoint(args.run_dir, args.source, args.model_tag, args.checkpoint)
+    scorer = make_scorer(params, config, tokenizer, args.batch_tokens)
     accuracies = {}
     for name, conversations in tasks.items():
         result = chat.evaluate_categorical(scorer, tokenizer, conversations, desc=name)
@@ -71,4 +66,4 @@ def run(args, names):
     out_dir = os.path.join(args.run_dir, "chat_eval")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{args.source}_{tag}.json"), "w") as f:
-        json.dump({"checkpoint": checkpoint, "accuracy": accuracies, **summary}, f, indent=1)
+        json.dump({"model": f"{args.source}/{tag}", "accuracy": accuracies, **summary}, f, indent=1)

@@ -5,6 +5,7 @@ Run `python -m launch.stage <name> --help` for a stage's flags.
 """
 
 import importlib
+import os
 import sys
 
 # name -> (module, function taking argv, one line of help)
@@ -17,6 +18,7 @@ STAGES = {
     "eval_bundle": ("launch.base_eval", "main_bundle", "download the reference's CORE eval bundle (checksummed)"),
     "base_eval": ("launch.base_eval", "main", "CORE and bits per byte of a base checkpoint"),
     "chat_eval": ("launch.chat_eval", "main", "chat tasks (ARC-Easy, ARC-Challenge, MMLU) and ChatCORE of a checkpoint"),
+    "chat_cli": ("launch.chat_cli", "main", "chat with a trained model in the terminal (-p for one answer)"),
 }
 
 
@@ -36,7 +38,19 @@ def main(argv=None):
     if name not in STAGES:
         sys.exit(f"unknown stage {name!r}\n\n{usage()}")
     module, function, _ = STAGES[name]
+    if "-h" not in rest and "--help" not in rest:
+        enable_compilation_cache()
     getattr(importlib.import_module(module), function)(rest)
+
+
+def enable_compilation_cache():
+    """Compiled programs persist across runs (a resumed or repeated stage skips most compile time).
+    NANOCHAT_JAX_CACHE overrides the location; an empty value turns it off."""
+    path = os.environ.get("NANOCHAT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanochat_jax", "xla"))
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
 
 
 if __name__ == "__main__":

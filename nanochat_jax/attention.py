@@ -50,3 +50,39 @@ def _attention_xla(q_BTHD, k_BTKD, v_BTKD, window):
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BTKD.dtype)
     out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BTKD)
     return out_BTKGD.reshape(B, T, H, D)
+
+
+def attention_cached(q_BTHD, k_BSKD, v_BSKD, positions_BT, *, window: int | None):
+    """Queries at absolute positions `positions_BT` (consecutive within a row) against a KV cache
+    whose slot s holds position s. Key s is visible to the query at p iff s <= p and p - s <= window.
+
+    Plain jnp, so it runs everywhere; a Pallas decode kernel can take its place later.
+
+    Sliding-window layers read only the slots their queries can see: a window of w + T slots cut
+    per row out of the full-length cache with a dynamic slice. A ring buffer of w + 1 slots would
+    also save the memory, but it would give sliding layers another cache layout than full ones (the
+    cache is one array stacked over layers), and a prefill that wraps around the ring would need a
+    second write path. Memory is not what decoding runs out of at a 2k context; bytes read per step
+    are, and the slice already reads only the window.
+    """
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    span = S if window is None else min(S, window + T)
+    start_B = jnp.zeros((B,), jnp.int32)
+    if span < S:
+        start_B = jnp.clip(positions_BT[:, 0] - window, 0, S - span).astype(jnp.int32)
+        take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, span, axis=0))
+        k_BSKD, v_BSKD = take(k_BSKD, start_B), take(v_BSKD, start_B)
+    key_pos_BS = start_B[:, None] + jnp.arange(span)
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    scores_BKGTS = jnp.einsum(
+        "btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32
+    ) * (D ** -0.5)
+    delta_BTS = positions_BT[:, :, None] - key_pos_BS[:, None, :]
+    visible_BTS = delta_BTS >= 0
+    if window is not None:
+        visible_BTS &= delta_BTS <= window
+    scores_BKGTS = jnp.where(visible_BTS[:, None, None], scores_BKGTS, -jnp.inf)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD)
+    return out_BTKGD.reshape(B, T, H, D)

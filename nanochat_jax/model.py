@@ -18,7 +18,12 @@ Per-layer matrices are stacked along a leading layer axis:
     blocks/attn_proj  (L, D, D)         blocks/mlp_fc (L, 4D, D)   blocks/mlp_proj (L, D, 4D)
     blocks/ve_gate    (n_ve, H_kv, 12)
     resid_lambdas, x0_lambdas (L,)   smear_gate (1, 24)   smear_lambda, backout_lambda (1,)
+
+Decoding passes a `KVCache` to the same `forward`: the layers are one code path for training,
+prefill and decode; only where keys come from (this call's tokens, or the cache) differs.
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -138,17 +143,19 @@ def rms_norm(x):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def rotary_cos_sin(positions_T, head_dim: int, dtype):
+def rotary_cos_sin(positions, head_dim: int, dtype):
+    """cos and sin of shape positions.shape + (head_dim // 2,): positions (T,) in training, (B, T)
+    when decoding, where every row sits at its own position."""
     inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_TF = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.cos(freqs_TF).astype(dtype), jnp.sin(freqs_TF).astype(dtype)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
-def apply_rotary(x_BTHD, cos_TF, sin_TF):
+def apply_rotary(x_BTHD, cos, sin):
     """Rotation by -theta on the two halves of each head (the reference's convention)."""
     d = x_BTHD.shape[-1] // 2
     x1, x2 = x_BTHD[..., :d], x_BTHD[..., d:]
-    cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # (T, 1, F) or (B, T, 1, F): one angle for all heads
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
 
 
@@ -157,7 +164,32 @@ def linear(x, w_OI):
     return jnp.einsum("...i,oi->...o", x, w_OI)
 
 
-def _attention_block(x_BTD, layer, ve_BTK, cos_sin, p, config, window, backend):
+class KVCache(NamedTuple):
+    """What decoding remembers of each row: a pytree, so it passes through jit, scan and while_loop.
+
+    Slot s of a row holds the keys/values of position s; `lengths_B` says how many slots are filled.
+    The size S is fixed when the cache is made (at most the model's sequence length) and never
+    grows: writes past S are dropped, and the engine stops a row before it gets there.
+    """
+
+    k_LBSKD: jax.Array  # keys after rotary and QK-norm, in the compute dtype, stacked over layers
+    v_LBSKD: jax.Array
+    lengths_B: jax.Array  # int32: tokens already in each row
+    prev_x_BD: jax.Array  # each row's last token's normalized embedding: smear's input for the next one
+
+
+def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype) -> KVCache:
+    if not 1 <= max_len <= config.sequence_len:
+        raise ValueError(f"cache length {max_len} must be in [1, sequence_len={config.sequence_len}]")
+    shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size,), jnp.int32),
+                   jnp.zeros((batch_size, config.n_embd), dtype))
+
+
+def _attention_block(x_BTD, layer, ve_BTK, cos_sin, p, config, window, backend, cache_kv, positions_BT):
+    """Attention of one layer; with `cache_kv` (this layer's stacked cache arrays and the layer
+    index into them) the new keys/values are written at `positions_BT` and the queries attend to
+    the cache. Returns (output, cache_kv)."""
     B, T, _ = x_BTD.shape
     H, K, hd = config.n_head, config.n_kv_head, config.head_dim
     blk = p["blocks"]
@@ -170,8 +202,18 @@ def _attention_block(x_BTD, layer, ve_BTK, cos_sin, p, config, window, backend):
         v = v + gate_BTK[..., None] * ve_BTK.reshape(B, T, K, hd)
     q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
     q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
-    y = attn_lib.attention(q, k, v, window=window, backend=backend)
-    return linear(y.reshape(B, T, H * hd), blk["attn_proj"][layer])
+    if cache_kv is None:
+        y = attn_lib.attention(q, k, v, window=window, backend=backend)
+    else:
+        k_LBSKD, v_LBSKD = cache_kv
+        rows_B1 = jnp.arange(B)[:, None]
+        # mode="drop": padding positions past the cache's end are discarded, never clamped onto
+        # real slots (a clamped dynamic_update_slice would overwrite the row's last keys).
+        k_LBSKD = k_LBSKD.at[layer, rows_B1, positions_BT].set(k.astype(k_LBSKD.dtype), mode="drop")
+        v_LBSKD = v_LBSKD.at[layer, rows_B1, positions_BT].set(v.astype(v_LBSKD.dtype), mode="drop")
+        y = attn_lib.attention_cached(q, k_LBSKD[layer], v_LBSKD[layer], positions_BT, window=window)
+        cache_kv = (k_LBSKD, v_LBSKD)
+    return linear(y.reshape(B, T, H * hd), blk["attn_proj"][layer]), cache_kv
 
 
 def _mlp_block(x_BTD, layer, p):
@@ -179,18 +221,37 @@ def _mlp_block(x_BTD, layer, p):
     return linear(jnp.square(jax.nn.relu(h)), p["blocks"]["mlp_proj"][layer])
 
 
-def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla"):
-    """Logits (B, T, vocab_size) in float32 for int tokens (B, T), T >= 2."""
+def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",
+            cache: KVCache | None = None, num_new_B=None, last_only: bool = False):
+    """Logits (B, T, vocab_size) in float32 for int tokens (B, T).
+
+    Without a cache (training, evaluation) T >= 2 and the result is the logits. With a cache, row b's
+    tokens continue it at positions lengths_B[b] + t; only the first num_new_B[b] of them (default
+    all T) are real, the rest is padding whose keys are never attended to and whose logits mean
+    nothing. Returns (logits, new_cache) with the lengths advanced by num_new_B; `last_only` keeps
+    just each row's last real position, (B, vocab_size), which spares a prefill the (B, T, V) logits.
+    """
     dtype = compute_dtype() if dtype is None else jnp.dtype(dtype)
     p = jax.tree.map(lambda w: w.astype(dtype), params)  # master weights stay float32 outside
     B, T = tokens_BT.shape
-    cos_sin = rotary_cos_sin(jnp.arange(T), config.head_dim, dtype)
+    if cache is None:
+        positions = jnp.arange(T)  # (T,): every row starts at 0
+        prev_x_BD = jnp.zeros((B, config.n_embd), dtype)
+    else:
+        positions = cache.lengths_B[:, None] + jnp.arange(T)  # (B, T)
+        prev_x_BD = cache.prev_x_BD.astype(dtype)
+        num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
+    cos_sin = rotary_cos_sin(positions, config.head_dim, dtype)
 
     x = rms_norm(p["wte"][tokens_BT])
-    # Smear: each position takes in a gated share of the previous position's embedding.
-    gate = p["smear_lambda"] * jax.nn.sigmoid(linear(x[:, 1:, :SMEAR_GATE_CHANNELS], p["smear_gate"]))
-    x = jnp.concatenate([x[:, :1], x[:, 1:] + gate * x[:, :-1]], axis=1)
+    # Smear: each position takes in a gated share of the previous token's embedding; the first
+    # token of a sequence has none (in training that is t = 0, when decoding a row's slot 0).
+    x_prev_BTD = jnp.concatenate([prev_x_BD[:, None], x[:, :-1]], axis=1)
+    gate_BT1 = p["smear_lambda"] * jax.nn.sigmoid(linear(x[..., :SMEAR_GATE_CHANNELS], p["smear_gate"]))
+    x_embed = x
+    x = x + jnp.where((positions > 0)[..., None], gate_BT1 * x_prev_BTD, 0)
 
+    cache_kv = None if cache is None else (cache.k_LBSKD, cache.v_LBSKD)
     x0 = x
     backout_layer = config.n_layer // 2
     x_backout = None
@@ -199,14 +260,25 @@ def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention
         ve = None
         if layer in config.value_embedding_layers:
             ve = p["value_embeds"][config.value_embedding_layers.index(layer)][tokens_BT]
-        x = x + _attention_block(rms_norm(x), layer, ve, cos_sin, p, config, window, attention_backend)
+        y, cache_kv = _attention_block(rms_norm(x), layer, ve, cos_sin, p, config, window, attention_backend,
+                                       cache_kv, positions)
+        x = x + y
         x = x + _mlp_block(rms_norm(x), layer, p)
         if layer == backout_layer:
             x_backout = x
     x = rms_norm(x - p["backout_lambda"] * x_backout)
 
+    if cache is not None:
+        last_B = jnp.clip(num_new_B - 1, 0, T - 1)
+        if last_only:
+            x = jnp.take_along_axis(x, last_B[:, None, None], axis=1)[:, 0]
     logits = linear(x, p["lm_head"])[..., : config.vocab_size].astype(jnp.float32)
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+    logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
+    if cache is None:
+        return logits
+    last_x_BD = jnp.take_along_axis(x_embed, last_B[:, None, None], axis=1)[:, 0]
+    prev_x_BD = jnp.where((num_new_B > 0)[:, None], last_x_BD, prev_x_BD).astype(cache.prev_x_BD.dtype)
+    return logits, KVCache(*cache_kv, cache.lengths_B + num_new_B, prev_x_BD)
 
 
 def cross_entropy_sum(logits_BTV, targets_BT):

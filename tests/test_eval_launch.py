@@ -109,7 +109,7 @@ def test_eval_stages_fail_clearly_without_inputs(tmp_path):
     proc = _stage("base_eval", "--run-dir", str(tmp_path), "--eval", "core,sample")
     assert proc.returncode != 0 and "inference engine" in proc.stderr and "Traceback" not in proc.stderr
     proc = _stage("chat_eval", "-i", "sft", "--run-dir", str(tmp_path), "--data-dir", os.path.join(ROOT, "tests", "data"))
-    assert proc.returncode != 0 and "no tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "no 'sft' models" in proc.stderr and "Traceback" not in proc.stderr
     proc = _stage("chat_eval", "-i", "sft", "-a", "HumanEval", "--data-dir", str(tmp_path))
     assert proc.returncode != 0 and "need sampling" in proc.stderr and "Traceback" not in proc.stderr
     out = _stage("--help").stdout
@@ -119,7 +119,7 @@ def test_eval_stages_fail_clearly_without_inputs(tmp_path):
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     """A run directory with the golden tokenizer and a tiny random model, restored through a stand-in
-    for the checkpoint module (`restore_params(directory) -> (params, config)` is all the stages use)."""
+    for the checkpoint module (`restore_params(directory) -> (params, config)` is all the evals use)."""
     import json
     import types
 
@@ -137,7 +137,7 @@ def run_dir(tmp_path, monkeypatch):
 
     def restore_params(directory):
         restored.append(directory)
-        return params, config.to_json_dict()
+        return params, config
 
     monkeypatch.setitem(sys.modules, "nanochat_jax.checkpoint", types.SimpleNamespace(restore_params=restore_params))
     monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
@@ -156,7 +156,7 @@ def test_base_eval_and_chat_eval_end_to_end(run_dir, capsys):
     base_eval.main(["--run-dir", str(root), "--eval", "core,bpb", "--eval-bundle", os.path.join(ROOT, "tests", "data", "core"),
                     "--max-per-task", "1", "--batch-tokens", "512", "--device-batch-size", "1", "--split-tokens", "1"])
     out = capsys.readouterr().out
-    assert restored == [str(root / "base" / "d2")]
+    assert restored == [str(root / "base" / "d2" / "checkpoints")]
     assert "CORE metric: PARTIAL" in out and "train bpb" in out and "val bpb" in out
     record = json.loads((root / "base_eval" / "d2.json").read_text())
     # The test bundle holds 7 of core.yaml's 22 task files: the other 15 are reported missing.

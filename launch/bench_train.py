@@ -1,0 +1,114 @@
+"""Training throughput: `python -m launch.bench_train --depth 20 [--window-pattern SSSL] [--device-batch-size 32]`.
+
+Times the real training step (model, loss, Muon + AdamW, gradient accumulation over micro-steps)
+on random tokens already on the device, after compilation, with the device synchronized: the
+median of several full optimizer steps. Also times one micro-step alone (forward + backward) so
+the optimizer's share is visible. Prints a table and, last, a JSON line. Several depths or window
+patterns (comma-separated) run in one call, each in the same process and on the same device.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+PEAK_BF16 = 989e12  # H100/H200 dense bf16, the reference's MFU denominator
+MEASURED_CEILING = 808e12  # bf16 8192^3 matmul measured on the lent H200
+
+
+def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, steps, attention_backend):
+    import jax
+    import numpy as np
+
+    from nanochat_jax import model, optim, sharding, train
+    from nanochat_jax.config import compute_dtype, config_from_depth
+
+    config = config_from_depth(depth, sequence_len=seq_len, window_pattern=window_pattern)
+    hp = optim.derive_hyperparameters(depth, sequence_len=seq_len, total_batch_size=total_batch_size)
+    mesh = sharding.make_mesh()
+    rows = device_batch_size * len(jax.devices())
+    micro_steps = total_batch_size // (rows * seq_len)
+    if micro_steps < 1 or micro_steps * rows * seq_len != total_batch_size:
+        raise ValueError(f"total batch {total_batch_size} is not a multiple of {rows} x {seq_len}")
+    dtype = compute_dtype()
+    step_config = train.StepConfig(model=config, dtype=dtype.name, attention_backend=attention_backend)
+    optimizer = optim.build_optimizer(hp.groups(), optim.param_labels, ortho_dtype=dtype, **hp.schedules())
+    params, opt_state, opt_shardings = train.init_train_state(step_config, optimizer, mesh, jax.random.key(0))
+
+    tokens = jax.random.randint(jax.random.key(1), (micro_steps, rows, seq_len + 1), 0, config.vocab_size)
+    batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    inputs = jax.device_put(tokens[..., :-1], batch_sharding)
+    targets = jax.device_put(tokens[..., 1:], batch_sharding)
+
+    # One micro-step alone (forward + backward), for the optimizer's share.
+    micro_fn = train.make_loss_and_grads(step_config, mesh)
+    jax.block_until_ready(micro_fn(params, inputs[:1], targets[:1]))  # compile
+    micro_times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(micro_fn(params, inputs[:1], targets[:1]))
+        micro_times.append(time.perf_counter() - t0)
+    micro_s = statistics.median(micro_times)
+
+    step_fn = train.make_train_step(step_config, optimizer, mesh, opt_shardings)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(params, opt_state, inputs, targets).compile()
+    compile_s = time.perf_counter() - t0
+    params, opt_state, _ = jax.block_until_ready(compiled(params, opt_state, inputs, targets))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, inputs, targets))
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    flops = model.flops_per_token(config) * total_batch_size
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "depth": depth, "window_pattern": window_pattern, "attention": attention_backend,
+        "device_batch_size": device_batch_size, "seq_len": seq_len, "micro_steps": micro_steps,
+        "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}", "dtype": dtype.name,
+        "tokens_per_s": total_batch_size / step_s, "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
+        "micro_step_ms": 1e3 * micro_s, "optimizer_ms_est": 1e3 * (step_s - micro_steps * micro_s),
+        "mfu_989": 100 * flops / step_s / (PEAK_BF16 * len(jax.devices())),
+        "mfu_measured_ceiling": 100 * flops / step_s / (MEASURED_CEILING * len(jax.devices())),
+        "peak_gb": (stats.get("peak_bytes_in_use") or 0) / 1e9, "compile_s": compile_s, "loss": float(loss),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m launch.bench_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", default="20", help="comma-separated depths")
+    parser.add_argument("--window-pattern", default="L", help="comma-separated patterns (L = full attention)")
+    parser.add_argument("--device-batch-size", type=int, default=32)
+    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
+    parser.add_argument("--attention", default=None, help="attention backend (default: the platform's)")
+    parser.add_argument("--json", help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    from nanochat_jax.attention import default_backend
+
+    backend = args.attention or default_backend()
+    results = []
+    for depth in map(int, args.depth.split(",")):
+        for pattern in args.window_pattern.split(","):
+            r = bench(depth, pattern, args.device_batch_size, args.total_batch_size, args.max_seq_len,
+                      args.steps, backend)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    header = ("depth", "window", "tok/s", "step ms", "micro ms", "optim ms", "MFU 989", "MFU ceil", "peak GB", "compile s")
+    print(" | ".join(header))
+    for r in results:
+        print(" | ".join([str(r["depth"]), r["window_pattern"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
+                          f"{r['micro_step_ms']:.1f}", f"{r['optimizer_ms_est']:.1f}", f"{r['mfu_989']:.1f}%",
+                          f"{r['mfu_measured_ceiling']:.1f}%", f"{r['peak_gb']:.1f}", f"{r['compile_s']:.1f}"]))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    print(json.dumps(results[-1] if len(results) == 1 else results))
+
+
+if __name__ == "__main__":
+    main()
