@@ -54,7 +54,7 @@ def run(args):
     from nanochat_jax.attention import default_backend
     from nanochat_jax.config import compute_dtype, config_from_depth
     from nanochat_jax.evals import bundle, core
-    from nanochat_jax.evals.scoring import Scorer, bucket_length
+    from nanochat_jax.evals.scoring import Scorer
 
     bundle_dir = bundle.find_bundle(args.eval_bundle)
     tokenizer = _tokenizer(args.tokenizer)
@@ -87,24 +87,23 @@ def run(args):
         rows, t_pass = [], time.perf_counter()
         for task in tasks:
             t0 = time.perf_counter()
-            result = core.evaluate_task(scorer, tokenizer, task, data[task.label])
+            result = core.evaluate_task(scorer, tokenizer, task, data[task.label], details=False)
             seconds = time.perf_counter() - t0
-            lengths = [len(t) for e in result["examples"] for t in e["tokens"]]
-            rows.append({"task": task.label, "examples": len(result["examples"]), "rows": len(lengths),
-                         "tokens": sum(lengths), "padded_tokens": sum(bucket_length(n) for n in lengths),
-                         "max_len": max(lengths), "seconds": seconds, "accuracy": result["accuracy"]})
+            rows.append({"task": task.label, "examples": result["num_examples"], "rows": result["rows"],
+                         "tokens": result["tokens"], "padded_tokens": result["padded_tokens"],
+                         "seconds": seconds, "accuracy": result["accuracy"]})
         pass_seconds.append(time.perf_counter() - t_pass)
 
-    header = f"{'task':<34} {'examples':>8} {'rows':>7} {'tokens':>11} {'padded':>11} {'max len':>7} {'seconds':>8} {'tok/s':>10}"
+    header = f"{'task':<34} {'examples':>8} {'rows':>7} {'tokens':>11} {'padded':>11} {'seconds':>8} {'tok/s':>10}"
     print(header + "\n" + "-" * len(header))
     for r in rows:
         print(f"{r['task']:<34} {r['examples']:>8,} {r['rows']:>7,} {r['tokens']:>11,} {r['padded_tokens']:>11,} "
-              f"{r['max_len']:>7,} {r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>10,.0f}")
+              f"{r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>10,.0f}")
     tokens = sum(r["tokens"] for r in rows)
     padded = sum(r["padded_tokens"] for r in rows)
     print("-" * len(header))
     print(f"{'total':<34} {sum(r['examples'] for r in rows):>8,} {sum(r['rows'] for r in rows):>7,} {tokens:>11,} "
-          f"{padded:>11,} {'':>7} {pass_seconds[-1]:>8.2f} {tokens / pass_seconds[-1]:>10,.0f}")
+          f"{padded:>11,} {pass_seconds[-1]:>8.2f} {tokens / pass_seconds[-1]:>10,.0f}")
     print("passes (s): " + ", ".join(f"{s:.2f}" for s in pass_seconds) + " (the first includes compiling)")
     print(json.dumps({"bench": "core", "model": what, "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
                       "dtype": scorer.dtype, "batch_tokens": args.batch_tokens, "max_per_task": args.max_per_task,

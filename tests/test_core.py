@@ -175,7 +175,7 @@ def test_evaluate_core_end_to_end_reports_missing_and_repeats_exactly(tmp_path, 
 
 
 def test_evaluate_task_rows_match_an_unbatched_forward(tok, golden_scorer):
-    """Bucketing, padding and 8-way batch sharding leave every loss as an unpadded forward gives it."""
+    """Bucketing, padding, chunking and 8-way batch sharding leave every loss as an unpadded forward gives it."""
     import jax
     import jax.numpy as jnp
 
@@ -184,6 +184,10 @@ def test_evaluate_task_rows_match_an_unbatched_forward(tok, golden_scorer):
     task = _task("multiple_choice")
     data = [{"query": f"Question {i}: which?", "choices": ["this one", "that other one"], "gold": 0} for i in range(3)]
     result = core.evaluate_task(golden_scorer, tok, task, data)
+    assert core.evaluate_task(golden_scorer, tok, task, data, chunk=2) == result  # scored in pieces: the same
+    assert core.evaluate_task(golden_scorer, tok, task, data, details=False) == \
+        {k: v for k, v in result.items() if k != "examples"}
+    assert result["rows"] == 6 and result["tokens"] == sum(len(t) for e in result["examples"] for t in e["tokens"])
     ex = result["examples"][2]
     row, s, e = ex["tokens"][1], ex["start"][1], ex["end"][1]
     forward = jax.jit(model.forward, static_argnums=2, static_argnames="dtype")

@@ -179,21 +179,33 @@ def score_example(task: CoreTask, rendered: Rendered, scores, gold) -> dict:
     return {"mean_losses": mean_losses, "pred": pred, "correct": pred == gold}
 
 
-def evaluate_task(scorer, tokenizer, task: CoreTask, data: list[dict]) -> dict:
-    """Accuracy over `data` and every example's rendering and scores."""
+def evaluate_task(scorer, tokenizer, task: CoreTask, data: list[dict], details: bool = True,
+                  chunk: int = 4096) -> dict:
+    """Accuracy over `data`, row and token counts, and with `details` every example's rendering
+    and scores. Examples are rendered and scored `chunk` at a time, so host memory stays bounded
+    on the largest tasks (tens of thousands of prompts)."""
+    from nanochat_jax.evals.scoring import bucket_length
+
     k = effective_fewshot(task, len(data))
-    rendered = [render_example(tokenizer, task, data, idx, k) for idx in range(len(data))]
-    rows = [t for r in rendered for t in r.tokens]
-    scores = scorer.next_token_scores(rows, desc=task.label)
-    examples, offset = [], 0
-    for idx, r in enumerate(rendered):
-        n = len(r.tokens)
-        gold = None if task.task_type == "language_modeling" else data[idx].get("gold")
-        result = score_example(task, r, scores[offset:offset + n], gold)
-        offset += n
-        examples.append({"idx": idx, "tokens": r.tokens, "start": r.start, "end": r.end, **result})
-    accuracy = sum(e["correct"] for e in examples) / len(examples) if examples else float("nan")
-    return {"accuracy": accuracy, "num_fewshot": k, "examples": examples}
+    examples, correct, rows, tokens, padded = [], 0, 0, 0, 0
+    n_chunks = -(-len(data) // chunk)
+    for c, lo in enumerate(range(0, len(data), chunk)):
+        rendered = [render_example(tokenizer, task, data, idx, k) for idx in range(lo, min(lo + chunk, len(data)))]
+        flat = [t for r in rendered for t in r.tokens]
+        rows, tokens, padded = rows + len(flat), tokens + sum(map(len, flat)), padded + sum(bucket_length(len(t)) for t in flat)
+        scores = scorer.next_token_scores(flat, desc=task.label if n_chunks == 1 else f"{task.label} {c + 1}/{n_chunks}")
+        offset = 0
+        for idx, r in enumerate(rendered, start=lo):
+            n = len(r.tokens)
+            gold = None if task.task_type == "language_modeling" else data[idx].get("gold")
+            result = score_example(task, r, scores[offset:offset + n], gold)
+            offset += n
+            correct += result["correct"]
+            if details:
+                examples.append({"idx": idx, "tokens": r.tokens, "start": r.start, "end": r.end, **result})
+    out = {"accuracy": correct / len(data) if data else float("nan"), "num_fewshot": k, "num_examples": len(data),
+           "rows": rows, "tokens": tokens, "padded_tokens": padded}
+    return {**out, "examples": examples} if details else out
 
 
 def centered_accuracy(accuracy: float, random_baseline_percent: float) -> float:
@@ -231,12 +243,12 @@ def evaluate_core(scorer, tokenizer, bundle_dir: str, max_per_task: int = -1, la
             log(f"{task.label:<35} MISSING (no {path})")
             continue
         t0 = time.perf_counter()
-        result = evaluate_task(scorer, tokenizer, task, load_examples(path, max_per_task))
+        result = evaluate_task(scorer, tokenizer, task, load_examples(path, max_per_task), details=False)
         timings[task.label] = time.perf_counter() - t0
         accuracies[task.label] = result["accuracy"]
         log(f"{task.label:<35} {result['num_fewshot']:>2}-shot {task.task_type:<17} accuracy {result['accuracy']:.4f} | "
             f"centered {centered_accuracy(result['accuracy'], task.random_baseline):.4f} | "
-            f"{len(result['examples'])} examples in {timings[task.label]:.2f}s")
+            f"{result['num_examples']} examples in {timings[task.label]:.2f}s")
     return {**summarize(tasks, accuracies), "seconds": timings}
 
 
