@@ -170,3 +170,18 @@ def test_base_eval_and_chat_eval_end_to_end(run_dir, capsys):
     assert "ARC-Easy accuracy" in out and "MMLU accuracy" in out and "ChatCORE metric: PARTIAL" in out
     record = json.loads((root / "chat_eval" / "sft_d2.json").read_text())
     assert set(record["accuracy"]) == {"ARC-Easy", "MMLU"} and record["chatcore"] is None
+
+
+def test_bench_core_smoke():
+    """The benchmark as a user runs it on a CPU (one device), on the test bundle: a table and a JSON line."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-m", "launch.bench_core", "--depth", "1", "--max-per-task", "1",
+                           "--eval-bundle", os.path.join(ROOT, "tests", "data", "core"), "--batch-tokens", "512"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["bench"] == "core" and record["devices"] == 1 and record["tasks"] == 7 and len(record["missing"]) == 15
+    assert all(r["examples"] == 1 and r["padded_tokens"] >= r["tokens"] > 0 for r in record["per_task"])
+    assert "total" in proc.stdout

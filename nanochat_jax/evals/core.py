@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import random
+import time
 import warnings
 
 import numpy as np
@@ -228,8 +229,6 @@ def summarize(tasks: list[CoreTask], accuracies: dict[str, float]) -> dict:
 
 def evaluate_core(scorer, tokenizer, bundle_dir: str, max_per_task: int = -1, labels=None, log=print) -> dict:
     """All tasks of the bundle (or those named in `labels`); see `summarize` for the result."""
-    import time
-
     tasks = load_tasks(bundle_dir)
     if labels:
         unknown = set(labels) - {t.label for t in tasks}

@@ -134,6 +134,8 @@ class Scorer:
     def candidate_logits(self, rows: list[list[int]], positions: list[int], candidates: list[list[int]],
                          desc: str | None = None) -> list[np.ndarray]:
         """For every row: the logits of its candidate token ids at its position."""
+        if not rows:
+            return []
         width = -(-max(len(c) for c in candidates) // CANDIDATE_WIDTH) * CANDIDATE_WIDTH  # one shape, one compile
         out = [None] * len(rows)
         for members, block in self._batches(rows, desc):
