@@ -78,7 +78,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     modes = {m.strip() for m in args.eval.split(",") if m.strip()}
     if "sample" in modes:
-        sys.exit("base_eval: --eval sample needs the inference engine, which is not available yet; use core,bpb")
+        sys.exit("base_eval: --eval sample is not part of base_eval yet (try `python -m launch.stage chat_cli -i base -p ...`); "
+                 "use core,bpb")
     if not modes or modes - {"core", "bpb"}:
         sys.exit(f"base_eval: unknown --eval modes {sorted(modes - {'core', 'bpb'}) or '(none)'}; choose from core, bpb")
     try:

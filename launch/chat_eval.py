@@ -2,7 +2,7 @@
 
 The categorical tasks (ARC-Easy, ARC-Challenge, MMLU: the answer letter with the highest logit, as
 the reference scores them) on a checkpoint under `<run-dir>/<source>/`. GSM8K and HumanEval need
-sampling and come with the inference engine. Task data is read from local files under --data-dir,
+sampling, which this stage does not do yet. Task data is read from local files under --data-dir,
 laid out like ../shared/data (`arc/`, `mmlu/`). ChatCORE is printed over the tasks that ran, marked
 partial unless all five chat tasks did.
 """

@@ -23,7 +23,7 @@ def load_task(name: str, data_dir: str) -> list[dict]:
         return mmlu.load(data_dir, "test")
     generative = sorted(set(BASELINES) - set(CATEGORICAL))
     raise ValueError(f"unknown chat task {name!r}: categorical tasks are {list(CATEGORICAL)}"
-                     + (f" ({', '.join(generative)} need sampling, which is not available yet)" if name in generative else ""))
+                     + (f" ({', '.join(generative)} need sampling, which chat_eval does not do yet)" if name in generative else ""))
 
 
 def letter_token_ids(tokenizer, letters) -> list[int]:

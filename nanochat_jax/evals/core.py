@@ -227,14 +227,9 @@ def summarize(tasks: list[CoreTask], accuracies: dict[str, float]) -> dict:
             "core_metric": None if missing else mean, "core_partial": mean if missing else None}
 
 
-def evaluate_core(scorer, tokenizer, bundle_dir: str, max_per_task: int = -1, labels=None, log=print) -> dict:
-    """All tasks of the bundle (or those named in `labels`); see `summarize` for the result."""
+def evaluate_core(scorer, tokenizer, bundle_dir: str, max_per_task: int = -1, log=print) -> dict:
+    """Every task of the bundle; see `summarize` for the result."""
     tasks = load_tasks(bundle_dir)
-    if labels:
-        unknown = set(labels) - {t.label for t in tasks}
-        if unknown:
-            raise ValueError(f"unknown CORE task(s) {sorted(unknown)}; core.yaml has {[t.label for t in tasks]}")
-        tasks = [t for t in tasks if t.label in labels]
     accuracies, timings = {}, {}
     for task in tasks:
         path = task_data_path(bundle_dir, task)
