@@ -104,10 +104,12 @@ def run(args):
     print("-" * len(header))
     print(f"{'total':<34} {sum(r['examples'] for r in rows):>8,} {sum(r['rows'] for r in rows):>7,} {tokens:>11,} "
           f"{padded:>11,} {pass_seconds[-1]:>8.2f} {tokens / pass_seconds[-1]:>10,.0f}")
-    print("passes (s): " + ", ".join(f"{s:.2f}" for s in pass_seconds) + " (the first includes compiling)")
+    print("passes (s): " + ", ".join(f"{s:.2f}" for s in pass_seconds) +
+          f" (the first includes compiling {len(scorer.shapes)} batch shapes)")
     print(json.dumps({"bench": "core", "model": what, "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
                       "dtype": scorer.dtype, "batch_tokens": args.batch_tokens, "max_per_task": args.max_per_task,
-                      "tasks": len(tasks), "missing": missing, "pass_seconds": pass_seconds, "tokens": tokens,
+                      "tasks": len(tasks), "missing": missing, "pass_seconds": pass_seconds, "batch_shapes": len(scorer.shapes),
+                      "tokens": tokens,
                       "padded_tokens": padded, "per_task": rows}))
 
 

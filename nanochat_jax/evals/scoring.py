@@ -4,7 +4,7 @@ Evaluations hand over many short rows of different lengths. Each row is right-pa
 bucket from a short fixed ladder (64, 128, 192, ..., 1536, 2048, 2560, ...), so the forward compiles
 once per bucket instead of once per example; padding on the right is exact because attention is
 causal (no real position ever sees a pad). Rows of one bucket go through in batches of a fixed row
-count (a smaller power of two for a short last batch), split over the mesh's "data" axis; the
+count (a smaller power of four for a short last batch), split over the mesh's "data" axis; the
 parameters are sharded as in training. Rows are batched in a fixed order, so the same evaluation
 twice gives identical numbers.
 
@@ -83,6 +83,7 @@ class Scorer:
         self.params = jax.device_put(params, sharding.param_shardings(config, mesh))
         self._rows_sharding = sharding.batch_sharding(mesh)
         self._vector_sharding = sharding.batch_sharding(mesh, ndim=1)
+        self.shapes: set[tuple[int, int]] = set()  # (rows, length) of every batch so far: one compile each
 
     def _static(self):
         return dict(config=self.config, dtype=self.dtype, attention_backend=self.attention_backend)
@@ -101,9 +102,14 @@ class Scorer:
             members = by_bucket[length]
             for k in range(0, len(members), most * n_data):
                 chunk = members[k:k + most * n_data]
-                # A short batch shrinks to a power of two rows per device: little padding, few shapes.
-                per_device = min(most, 1 << (-(-len(chunk) // n_data) - 1).bit_length())
+                # A short batch shrinks to a power of four rows per device: each shape is one more
+                # compile (costly for big models on GPUs), each padding row wasted work; four balances them.
+                need, per_device = -(-len(chunk) // n_data), 1
+                while per_device < need:
+                    per_device *= 4
+                per_device = min(most, per_device)
                 plan.append((length, per_device * n_data, chunk))
+                self.shapes.add((per_device * n_data, length))
         from tqdm import tqdm
 
         for length, per_batch, members in tqdm(plan, desc=desc, unit="batch", leave=False,
