@@ -124,17 +124,34 @@ class Scorer:
         n = block.shape[0] // jax.process_count()
         return block[jax.process_index() * n:(jax.process_index() + 1) * n]
 
+    def _run(self, batches, launch, collect):
+        """Dispatch each batch (`launch`, asynchronous) before reading back the one before it
+        (`collect`), so the host pads and transfers while the devices compute."""
+        pending = None
+        for members, block in batches:
+            launched = (members, launch(members, block))
+            if pending is not None:
+                collect(*pending)
+            pending = launched
+        if pending is not None:
+            collect(*pending)
+
     def next_token_scores(self, rows: list[list[int]], desc: str | None = None):
         """For every row: (losses, predictions), each of length len(row) - 1, where losses[t] is
         -log p(row[t+1] | row[:t+1]) and predictions[t] the argmax token after row[:t+1]."""
         out = [None] * len(rows)
-        for members, block in self._batches(rows, desc):
+
+        def launch(members, block):
             tokens = sharding.global_batch(self._local(block), self._rows_sharding)
-            losses, preds = _next_token_scores(self.params, tokens, **self._static())
-            losses, preds = _to_host(losses), _to_host(preds)
+            return _next_token_scores(self.params, tokens, **self._static())
+
+        def collect(members, result):
+            losses, preds = map(_to_host, result)
             for r, i in enumerate(members):
                 n = len(rows[i]) - 1
                 out[i] = (losses[r, :n], preds[r, :n])
+
+        self._run(self._batches(rows, desc), launch, collect)
         return out
 
     def candidate_logits(self, rows: list[list[int]], positions: list[int], candidates: list[list[int]],
@@ -144,17 +161,22 @@ class Scorer:
             return []
         width = -(-max(len(c) for c in candidates) // CANDIDATE_WIDTH) * CANDIDATE_WIDTH  # one shape, one compile
         out = [None] * len(rows)
-        for members, block in self._batches(rows, desc):
+
+        def launch(members, block):
             pos = np.zeros(block.shape[0], np.int32)
             cand = np.zeros((block.shape[0], width), np.int32)
             for r, i in enumerate(members):
                 pos[r] = positions[i]
                 cand[r, :len(candidates[i])] = candidates[i]
-            logits = _candidate_logits(
+            return _candidate_logits(
                 self.params, sharding.global_batch(self._local(block), self._rows_sharding),
                 sharding.global_batch(self._local(pos), self._vector_sharding),
                 sharding.global_batch(self._local(cand), self._rows_sharding), **self._static())
+
+        def collect(members, logits):
             logits = _to_host(logits)
             for r, i in enumerate(members):
                 out[i] = logits[r, :len(candidates[i])]
+
+        self._run(self._batches(rows, desc), launch, collect)
         return out
