@@ -7,7 +7,7 @@ Hugging Face `allenai/ai2_arc`, whose `validation` split is `Dev` here.
 
 import json
 
-from nanochat_jax.tasks.common import TaskDataError, find_file, hub_shuffle_order, mc_conversation, open_text
+from nanochat_jax.tasks.common import find_file, hub_shuffle_order, mc_conversation, open_text
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = {"train": "Train", "validation": "Dev", "test": "Test"}
@@ -26,6 +26,6 @@ def load(data_dir: str, subset: str, split: str = "test") -> list[dict]:
         choices = row["question"]["choices"]
         letters = [c["label"] for c in choices]
         if row["answerKey"] not in letters:
-            raise TaskDataError(f"{path}: row {i} answer {row['answerKey']!r} is not one of {letters}")
+            raise ValueError(f"{path}: row {i} answer {row['answerKey']!r} is not one of {letters}")
         out.append(mc_conversation(row["question"]["stem"], letters, [c["text"] for c in choices], row["answerKey"]))
     return out
