@@ -11,7 +11,6 @@ the latest checkpoint exactly where it stopped (same next batch, same schedules,
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -92,16 +91,6 @@ def greedy_continuations(params, config, tokenizer, prompts, max_tokens, *, dtyp
     return [tokenizer.decode(buffer[row, len(ids) : positions[row]].tolist()) for row, ids in enumerate(encoded)]
 
 
-def peak_flops(device) -> float | None:
-    """bf16 dense peak of one chip (None where MFU means nothing, e.g. CPU)."""
-    kind = device.device_kind.lower()
-    table = [("h200", 989e12), ("h100", 989e12), ("h800", 756e12), ("a100", 312e12), ("a800", 312e12),
-             ("l40s", 362e12), ("b200", 2.25e15), ("gb200", 2.5e15)]
-    if device.platform == "cpu":
-        return None
-    return next((flops for name, flops in table if name in kind), None)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -116,11 +105,11 @@ def run(args):
     from tqdm import tqdm
 
     from nanochat_jax import data, model, optim, sharding, train
-    from nanochat_jax.checkpoint import Checkpoints
     from nanochat_jax.config import compute_dtype, config_from_depth
     from nanochat_jax.evals.bpb import evaluate_bpb
     from nanochat_jax.tokenizer import Tokenizer
     from nanochat_jax.attention import default_backend
+    from launch import loop as loop_lib
     from launch.tok import tokenizer_dir
 
     tok_dir = tokenizer_dir(args.run_dir)
@@ -177,18 +166,12 @@ def run(args):
     train_batches = data.pretrain_batches(tokenizer, local_rows, args.max_seq_len, source=args.data_dir,
                                           split="train", seed=args.seed, **proc)
 
-    checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), keep=args.keep)
+    wall_start = time.perf_counter()
+    checkpoints, resume_step = loop_lib.open_checkpoints(os.path.join(out_dir, "checkpoints"), config, keep=args.keep,
+                                                         resume=args.resume, resume_from_step=args.resume_from_step)
     loop = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "training_time_s": 0.0}
     start_step = 0
-    resume_step = args.resume_from_step if args.resume_from_step >= 0 else (checkpoints.latest_step() if args.resume else None)
-    if resume_step is None and checkpoints.latest_step() is not None:
-        raise ValueError(f"{checkpoints.directory} already holds checkpoints {checkpoints.all_steps()}; pass --resume "
-                         f"to continue that run, or another --model-tag / --run-dir for a new one")
     if resume_step is not None:
-        saved = checkpoints.meta(resume_step)["model_config"]
-        if saved != config.to_json_dict():
-            raise ValueError(f"{checkpoints.directory} step {resume_step} holds another model ({saved}); "
-                             f"use the flags of that run, or another --model-tag / --run-dir")
         params, opt_state, data_state, meta = checkpoints.restore(resume_step, params, opt_state)
         train_batches.set_state(data_state)
         loop, start_step = meta["loop"], meta["step"]
@@ -217,81 +200,68 @@ def run(args):
                             attention_backend=step_config.attention_backend,
                             to_global=lambda x: sharding.global_batch(x, eval_sharding))
 
-    stop = []  # set by SIGINT/SIGTERM: finish the step, save, exit
-    handler = lambda signum, frame: stop.append(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    peak = peak_flops(jax.devices()[0])
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-    wandb_run = None
-    if args.wandb_project and jax.process_index() == 0:
-        try:
-            import wandb
-        except ImportError:
-            raise ValueError("--wandb-project needs the wandb package: `uv pip install wandb`") from None
-        wandb_run = wandb.init(project=args.wandb_project, name=args.model_tag or f"d{args.depth}", config=vars(args))
-
-    def record(**fields):
-        log.write(json.dumps(fields) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(fields, step=fields["step"])
-    ema = 0.9
-    # In a log file (not a terminal) the bar is refreshed rarely instead of on every step.
-    bar = tqdm(total=num_iterations, initial=start_step, desc="base", unit="step", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30)
+    peak = loop_lib.peak_flops(jax.devices()[0])
+    log = loop_lib.MetricsLog(out_dir, wandb_project=args.wandb_project, name=args.model_tag or f"d{args.depth}",
+                              config=vars(args))
+    record = log.record
+    bar = loop_lib.progress_bar(num_iterations, start_step, "base")
     step = start_step
-    try:
-        while True:
-            last = step == num_iterations
-            if last or stop:
-                save(step)  # before the final eval: an eval crash must not cost the run
-            if stop:
-                tqdm.write(f"interrupted: saved step {step}; continue with --resume")
-                break
-            if args.eval_every > 0 and (last or step % args.eval_every == 0) and not (step == start_step > 0):
-                bpb = val_bpb()
-                loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
-                record(step=step, val_bpb=bpb, training_time_s=loop["training_time_s"])
-                log.flush()
-                tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
-            if args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
-                samples = greedy_continuations(params, config, tokenizer, SAMPLE_PROMPTS, 16, dtype=dtype.name,
-                                               attention_backend=step_config.attention_backend)
-                for prompt, text in zip(SAMPLE_PROMPTS, samples):
-                    tqdm.write(f"  {prompt!r} -> {text!r}")
-            if last:
-                break
-            for name, fn in schedules.items():
-                opt_state.hyperparams[name] = np.float32(fn(step))
-            tokens, targets = next_step_batch()
-            t0 = time.perf_counter()
-            params, opt_state, loss = step_fn(params, opt_state, tokens, targets)
-            loss = float(loss)  # waits for the step
-            dt = time.perf_counter() - t0
-            compiled_now = step == start_step
-            if not compiled_now:
-                loop["training_time_s"] += dt  # the first step of a process includes compilation
-            loop["smooth_loss"] = ema * loop["smooth_loss"] + (1 - ema) * loss
-            debiased = loop["smooth_loss"] / (1 - ema ** (step + 1))
-            tok_s = hp.total_batch_size / dt
-            mfu = None if peak is None else 100 * flops_per_token * tok_s / (peak * n_devices)
-            record(step=step, loss=loss, loss_ema=debiased, dt_s=dt, tokens_per_s=tok_s, mfu_percent=mfu,
-                   lr_multiplier=float(schedules["lr_multiplier"](step)), includes_compile=compiled_now)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1f}%")
-            if compiled_now:
-                tqdm.write(f"step {step - 1:05d} | compile + first step {dt:.1f}s")
-            if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
-                save(step)
-    finally:
-        bar.close()
-        log.close()
-        checkpoints.close()
-        if wandb_run is not None:
-            wandb_run.finish()
-        for sig, h in previous.items():
-            signal.signal(sig, h)
+    with loop_lib.stop_requests() as stop:
+        try:
+            while True:
+                last = step == num_iterations
+                if last or stop:
+                    save(step)  # before the final eval: an eval crash must not cost the run
+                if stop:
+                    tqdm.write(f"interrupted: saved step {step}; continue with --resume")
+                    break
+                if args.eval_every > 0 and (last or step % args.eval_every == 0) and not (step == start_step > 0):
+                    bpb = val_bpb()
+                    loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
+                    record(step=step, val_bpb=bpb, training_time_s=loop["training_time_s"])
+                    log.flush()
+                    tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
+                if args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
+                    samples = greedy_continuations(params, config, tokenizer, SAMPLE_PROMPTS, 16, dtype=dtype.name,
+                                                   attention_backend=step_config.attention_backend)
+                    for prompt, text in zip(SAMPLE_PROMPTS, samples):
+                        tqdm.write(f"  {prompt!r} -> {text!r}")
+                if last:
+                    break
+                for name, fn in schedules.items():
+                    opt_state.hyperparams[name] = np.float32(fn(step))
+                tokens, targets = next_step_batch()
+                t0 = time.perf_counter()
+                params, opt_state, loss = step_fn(params, opt_state, tokens, targets)
+                loss = float(loss)  # waits for the step
+                dt = time.perf_counter() - t0
+                compiled_now = step == start_step
+                if not compiled_now:
+                    loop["training_time_s"] += dt  # the first step of a process includes compilation
+                debiased = loop_lib.smoothed(loop, loss, step)
+                tok_s = hp.total_batch_size / dt
+                mfu = None if peak is None else 100 * flops_per_token * tok_s / (peak * n_devices)
+                record(step=step, loss=loss, loss_ema=debiased, dt_s=dt, tokens_per_s=tok_s, mfu_percent=mfu,
+                       lr_multiplier=float(schedules["lr_multiplier"](step)), includes_compile=compiled_now)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1f}%")
+                if compiled_now:
+                    tqdm.write(f"step {step - 1:05d} | compile + first step {dt:.1f}s")
+                if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
+                    save(step)
+        finally:
+            bar.close()
+            log.close()
+            checkpoints.close()
+    if step == num_iterations and jax.process_index() == 0:
+        settings = {**vars(args), "total_batch_size": hp.total_batch_size, "num_iterations": num_iterations,
+                    "micro_steps": micro_steps, "devices": n_devices, "device_kind": jax.devices()[0].device_kind,
+                    "compute_dtype": dtype.name, "parameters": model.param_counts(config)["total"],
+                    "flops_per_token": flops_per_token}
+        loop_lib.write_summary(out_dir, stage="base", settings=settings, steps=step, tokens=step * hp.total_batch_size,
+                               training_time_s=loop["training_time_s"], wall_time_s=time.perf_counter() - wall_start,
+                               results={"min_val_bpb": loop["min_val_bpb"]} if loop["min_val_bpb"] < float("inf") else {})
     best = "n/a" if loop["min_val_bpb"] == float("inf") else f"{loop['min_val_bpb']:.4f}"
     print(f"training time (excluding compilation): {loop['training_time_s']:.1f}s | min val bpb: {best} | "
           f"checkpoints: {checkpoints.directory}")

@@ -31,13 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     from nanochat_jax.evals.chat import CATEGORICAL
-    from nanochat_jax.tasks.common import TaskDataError
 
     args = build_parser().parse_args(argv)
     names = list(CATEGORICAL) if args.task_name is None else [n.strip() for n in args.task_name.split("|") if n.strip()]
     try:
         run(args, names)
-    except (FileNotFoundError, ValueError, TaskDataError) as e:
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat_eval: {e}")
 
 

@@ -465,12 +465,16 @@ def pretrain_batches(tokenizer, batch_size: int, seq_len: int, source: str | Non
 
 def conversation_batches(conversations, tokenizer, batch_size: int, seq_len: int, seed: int | None = None,
                          process_index: int = 0, process_count: int = 1, buffer_size: int = 100,
-                         lookahead: int = 4, prefetch: int = 2) -> grain.DatasetIterator:
+                         lookahead: int = 4, prefetch: int = 2, supervise: str = "assistant") -> grain.DatasetIterator:
     """Endless `(inputs_BT, targets_BT)` batches of rendered conversations (a sequence or a
     MapDataset of conversation dicts), best-fit packed with padding: no token is ever cropped
     unless one conversation alone is longer than a row. Targets are -1 where the loss mask is 0
-    (prompts, tool outputs, padding). `seed=None` keeps the given order (a mixture already shuffled).
+    (prompts, tool outputs, padding); `supervise="all"` trains on every token but the padding
+    (mid-training). `seed=None` keeps the given order (a mixture already shuffled).
+    `conversations_consumed(iterator.get_state())` counts the conversations this process has packed.
     """
+    if supervise not in ("assistant", "all"):
+        raise ValueError(f"supervise must be 'assistant' or 'all', not {supervise!r}")
     ds = conversations if isinstance(conversations, grain.MapDataset) else grain.MapDataset.source(conversations)
     ds = _process_slice(ds, process_index, process_count, "conversations")
     if seed is not None:
@@ -478,8 +482,15 @@ def conversation_batches(conversations, tokenizer, batch_size: int, seq_len: int
 
     def render(conversation):
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=seq_len + 1)
-        return [(np.asarray(ids, np.int32), np.asarray(mask, np.int8))]
+        mask = np.ones(len(ids), np.int8) if supervise == "all" else np.asarray(mask, np.int8)
+        return [(np.asarray(ids, np.int32), mask)]
 
     chunks = ds.repeat(None).map(render)
     packed = _PackedRows(chunks, batch_size, seq_len, True, tokenizer.bos_token_id, buffer_size, lookahead)
     return iter(grain.experimental.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=prefetch))
+
+
+def conversations_consumed(state: dict) -> int:
+    """Conversations packed into rows so far, from a `conversation_batches` iterator state (one
+    chunk per conversation; those still waiting in the best-fit buffer do not count)."""
+    return state["next_chunk"] - len(state["buffer"])

@@ -1,9 +1,9 @@
 """The jitted, sharded training step: forward + backward over micro-batches, then one optimizer update.
 
 A global batch arrives as (micro_steps, rows, T) token and target arrays with rows split over the
-mesh's "data" axis. Gradients are accumulated in float32 inside one `lax.scan` (one compiled
-micro-step, whatever the accumulation count), constrained to the parameters' shardings so each
-device keeps only its shard (the reduce-scatter of ZeRO/FSDP). The loss is the mean over every
+mesh's "data" axis. Gradients are accumulated in float32 by one compiled micro-step, constrained to
+the parameters' shardings so each device keeps only its shard (the reduce-scatter of ZeRO/FSDP);
+one compiled update applies the optimizer. The loss is the mean over every
 counted target of the whole global batch, so splitting a batch into more micro-steps or over more
 devices changes nothing but float rounding (the reference averages per micro-batch means, which
 differs only when micro-batches hold different numbers of ignored targets).
@@ -28,57 +28,72 @@ class StepConfig:
     model: GPTConfig
     dtype: str = "float32"
     attention_backend: str = "xla"
+    loss_chunk_len: int = 0  # > 0: the head and loss run chunk by chunk (see model.loss_sum)
 
 
-def loss_and_grads(params, tokens_MBT, targets_MBT, step_config: StepConfig, grad_shardings=None):
-    """Mean loss over all counted targets of the global batch and its float32 gradients."""
-    count = jnp.maximum(jnp.sum(targets_MBT != model.IGNORE_INDEX), 1)
+def _accumulate(params, acc, tokens_BT, targets_BT, count, step_config: StepConfig, grad_shardings):
+    """acc + (this micro-batch's share of the mean loss, its gradients), in float32."""
 
-    def micro_loss(p, tokens_BT, targets_BT):
-        logits = model.forward(p, tokens_BT, step_config.model, dtype=step_config.dtype,
-                               attention_backend=step_config.attention_backend)
-        total, _ = model.cross_entropy_sum(logits, targets_BT)
+    def micro_loss(p):
+        total, _ = model.loss_sum(p, tokens_BT, targets_BT, step_config.model, dtype=step_config.dtype,
+                                  attention_backend=step_config.attention_backend,
+                                  chunk_len=step_config.loss_chunk_len)
         return total / count
 
-    def constrain(grads):
-        if grad_shardings is None:
-            return grads
-        return jax.lax.with_sharding_constraint(grads, grad_shardings)
-
-    def micro_step(carry, batch):
-        loss_acc, grads_acc = carry
-        loss, grads = jax.value_and_grad(micro_loss)(params, *batch)
-        return (loss_acc + loss, constrain(jax.tree.map(jnp.add, grads_acc, grads))), None
-
-    zeros = constrain(jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), (tokens_MBT, targets_MBT))
-    return loss, grads
+    loss, grads = jax.value_and_grad(micro_loss)(params)
+    acc_loss, acc_grads = acc
+    # Each device keeps only its shard of the sum: the reduce-scatter of ZeRO/FSDP.
+    return acc_loss + loss, jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc_grads, grads), grad_shardings)
 
 
 def make_loss_and_grads(step_config: StepConfig, mesh):
-    """`loss_and_grads` jitted for `mesh`: params sharded per `param_shardings`, rows over "data"."""
+    """`fn(params, tokens_MBT, targets_MBT) -> (loss, grads)`: the mean loss over every counted target
+    of the global batch and its float32 gradients, sharded like the parameters."""
     p_shard = param_shardings(step_config.model, mesh)
-    b_shard = batch_sharding(mesh, ndim=3, batch_axis=1)
-    fn = functools.partial(loss_and_grads, step_config=step_config, grad_shardings=p_shard)
-    return jax.jit(fn, in_shardings=(p_shard, b_shard, b_shard), out_shardings=(replicated(mesh), p_shard))
+    rows = batch_sharding(mesh, ndim=2)
+    acc_shard = (replicated(mesh), p_shard)
+    accumulate = jax.jit(functools.partial(_accumulate, step_config=step_config, grad_shardings=p_shard),
+                         in_shardings=(p_shard, acc_shard, rows, rows, replicated(mesh)),
+                         out_shardings=acc_shard, donate_argnums=1)
+    zeros = jax.jit(lambda p: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, p)), out_shardings=acc_shard)
+    count = jax.jit(lambda t: jnp.maximum(jnp.sum(t != model.IGNORE_INDEX), 1), out_shardings=replicated(mesh))
+
+    def loss_and_grads(params, tokens_MBT, targets_MBT):
+        # A Python loop over one compiled micro-step, not a scan inside one program: dispatch is
+        # asynchronous, so the device never waits, and the micro-step and the update compile as
+        # separate, smaller programs (see docs/perf_notes.md for the measurement).
+        n = count(targets_MBT)
+        acc = zeros(params)
+        for m in range(tokens_MBT.shape[0]):
+            acc = accumulate(params, acc, tokens_MBT[m], targets_MBT[m], n)
+        return acc
+
+    return loss_and_grads
 
 
 def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransformation, mesh, opt_shardings):
-    """One optimizer step, jitted; params and optimizer state are donated and come back in place.
+    """`step(params, opt_state, tokens_MBT, targets_MBT) -> (params, opt_state, loss)`: one optimizer
+    step; params, optimizer state and gradients are donated to the update and come back in place.
 
     `opt_shardings` is the optimizer state's sharding tree (see `init_train_state`), kept fixed
     from step to step so the state never silently becomes replicated.
     """
     p_shard = param_shardings(step_config.model, mesh)
-    b_shard = batch_sharding(mesh, ndim=3, batch_axis=1)
+    loss_and_grads = make_loss_and_grads(step_config, mesh)
+
+    def apply(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    update = jax.jit(apply, in_shardings=(p_shard, opt_shardings, p_shard), out_shardings=(p_shard, opt_shardings),
+                     donate_argnums=(0, 1, 2))
 
     def step(params, opt_state, tokens_MBT, targets_MBT):
-        loss, grads = loss_and_grads(params, tokens_MBT, targets_MBT, step_config, p_shard)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        loss, grads = loss_and_grads(params, tokens_MBT, targets_MBT)
+        params, opt_state = update(params, opt_state, grads)
+        return params, opt_state, loss
 
-    return jax.jit(step, in_shardings=(p_shard, opt_shardings, b_shard, b_shard),
-                   out_shardings=(p_shard, opt_shardings, replicated(mesh)), donate_argnums=(0, 1))
+    return step
 
 
 def init_train_state(step_config: StepConfig, optimizer: optax.GradientTransformation, mesh, key):

@@ -14,3 +14,25 @@ def tiny_tokenizer():
     from nanochat_jax.tokenizer import Tokenizer
 
     return Tokenizer.train(data.iter_texts(max_chars=20_000), 300)
+
+
+@pytest.fixture(scope="session")
+def live_params():
+    """`make(config, seed)`: initialised parameters with every path of the network live. The
+    reference init zeroes the output projections and the smear gain, which leaves most gradients
+    exactly zero (and a few at rounding level), so comparisons of gradients would prove little."""
+    import jax
+    import numpy as np
+
+    from nanochat_jax import model
+
+    def make(config, seed=0):
+        p = model.init_params(config, jax.random.key(seed))
+        keys = iter(jax.random.split(jax.random.key(seed + 1), 3))
+        for name in ("attn_proj", "mlp_proj"):
+            p["blocks"][name] = 0.05 * jax.random.normal(next(keys), p["blocks"][name].shape)
+        p["lm_head"] = 0.05 * jax.random.normal(next(keys), p["lm_head"].shape)
+        p["smear_lambda"] = p["smear_lambda"] + 0.5
+        return jax.tree.map(np.asarray, p)
+
+    return make

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from nanochat_jax.evals import chat
-from nanochat_jax.tasks import arc, common, mmlu
-from nanochat_jax.tasks.common import TaskDataError
+from nanochat_jax.tasks import arc, common, mmlu, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -27,10 +26,6 @@ def test_render_mc_is_the_references_prompt():
         "Multiple Choice question: 2+2?\n- 4=A\n- 5=B\n\nRespond only with the letter of the correct answer.")
 
 
-def test_hub_shuffle_order_is_numpy_default_rng_permutation():
-    np.testing.assert_array_equal(common.hub_shuffle_order(10), np.random.default_rng(42).permutation(10))
-
-
 def test_arc_loader_keeps_labels_and_answers():
     easy = arc.load(DATA, "ARC-Easy")
     assert len(easy) == 10
@@ -41,9 +36,8 @@ def test_arc_loader_keeps_labels_and_answers():
     letter_sets = {tuple(c["letters"]) for c in challenge}
     assert ("1", "2", "3", "4") in letter_sets and any(len(s) == 5 for s in letter_sets) and any(len(s) == 3 for s in letter_sets)
     # The reference's order: row i of the file lands where the seed-42 permutation puts it.
-    with common.open_text(os.path.join(DATA, "arc/ARC-Easy/ARC-Easy-Test.jsonl.gz")) as f:
-        rows = [json.loads(line) for line in f]
-    order = common.hub_shuffle_order(len(rows))
+    rows = sources.read_jsonl(os.path.join(DATA, "arc/ARC-Easy/ARC-Easy-Test.jsonl.gz"))
+    order = np.random.default_rng(42).permutation(len(rows))  # Hugging Face's Dataset.shuffle(seed=42)
     assert [c["messages"][0]["content"].split("\n")[0] for c in easy] == \
         [f"Multiple Choice question: {rows[i]['question']['stem']}" for i in order]
 
@@ -52,14 +46,14 @@ def test_mmlu_loader_concatenates_subjects_alphabetically_then_shuffles():
     convs = mmlu.load(DATA)
     assert len(convs) == 12
     subjects = ["abstract_algebra"] * 4 + ["anatomy"] * 4 + ["world_religions"] * 4
-    assert [c["subject"] for c in convs] == [subjects[i] for i in common.hub_shuffle_order(12)]
+    assert [c["subject"] for c in convs] == [subjects[i] for i in np.random.default_rng(42).permutation(12)]
     assert all(c["letters"] == ["A", "B", "C", "D"] and c["messages"][1]["content"] in "ABCD" for c in convs)
 
 
 def test_missing_task_data_is_a_clear_error(tmp_path):
-    with pytest.raises(TaskDataError, match="--data-dir"):
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
         arc.load(str(tmp_path), "ARC-Easy")
-    with pytest.raises(TaskDataError, match="--data-dir"):
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
         mmlu.load(str(tmp_path))
     with pytest.raises(ValueError, match="need sampling"):
         chat.load_task("GSM8K", str(tmp_path))

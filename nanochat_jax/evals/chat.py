@@ -13,8 +13,9 @@ BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0
 CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")
 
 
-def load_task(name: str, data_dir: str) -> list[dict]:
-    """The test split of a categorical chat task, from local files under `data_dir`."""
+def load_task(name: str, data_dir: str | None) -> list[dict]:
+    """The test split of a categorical chat task, from local files under `data_dir` (None: the
+    samples shipped in nanochat_jax/tasks/data)."""
     from nanochat_jax.tasks import arc, mmlu
 
     if name in ("ARC-Easy", "ARC-Challenge"):

@@ -1,6 +1,6 @@
-"""Task datasets as lists of conversations (the reference's `tasks/`), read from local copies.
+"""Task datasets: conversations for mid-training, SFT and RL, and the chat evaluations.
 
-Each task module turns its dataset's files (laid out as in `../shared/data`, see its README) into the
-reference's conversation dicts: `messages` (user question, assistant answer) plus what the evaluation
-needs (for multiple choice, the answer `letters`).
+Every loader reads local files laid out like `../shared/data` (`sources.py`) and returns the
+reference's conversation dicts: `messages` plus what an evaluation needs (for multiple choice, the
+answer `letters`).
 """

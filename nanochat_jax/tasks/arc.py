@@ -5,27 +5,23 @@ release schema (`question.stem`, `question.choices[{text,label}]`, `answerKey`),
 Hugging Face `allenai/ai2_arc`, whose `validation` split is `Dev` here.
 """
 
-import json
-
-from nanochat_jax.tasks.common import find_file, hub_shuffle_order, mc_conversation, open_text
+from nanochat_jax.tasks import sources
+from nanochat_jax.tasks.common import mc_conversation
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = {"train": "Train", "validation": "Dev", "test": "Test"}
 
 
-def load(data_dir: str, subset: str, split: str = "test") -> list[dict]:
+def load(data_dir: str | None, subset: str, split: str = "test") -> list[dict]:
     """Conversations in the reference's order (the hub's row order shuffled with seed 42)."""
     if subset not in SUBSETS or split not in SPLITS:
         raise ValueError(f"ARC subset must be one of {SUBSETS} and split one of {sorted(SPLITS)}")
-    path = find_file(data_dir, f"arc/{subset}/{subset}-{SPLITS[split]}.jsonl")
-    with open_text(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    path = sources.find(data_dir, f"arc/{subset}/{subset}-{SPLITS[split]}.jsonl")
     out = []
-    for i in hub_shuffle_order(len(rows)):
-        row = rows[i]
+    for row in sources.shuffled(sources.read_jsonl(path)):
         choices = row["question"]["choices"]
         letters = [c["label"] for c in choices]
         if row["answerKey"] not in letters:
-            raise ValueError(f"{path}: row {i} answer {row['answerKey']!r} is not one of {letters}")
+            raise ValueError(f"{path}: question {row.get('id')!r} answer {row['answerKey']!r} is not one of {letters}")
         out.append(mc_conversation(row["question"]["stem"], letters, [c["text"] for c in choices], row["answerKey"]))
     return out

@@ -1,0 +1,122 @@
+"""What every training stage (base, mid, sft) shares around its step function: checkpoints that
+refuse to overwrite and resume only the same model, clean stops on Ctrl-C/SIGTERM, the metrics log
+(and optional Weights & Biases), the progress bar, MFU, and the stage summary the report reads.
+
+A stage directory `<run-dir>/<stage>/<model-tag>/` holds `checkpoints/`, `metrics.jsonl` (one JSON
+object per line: training steps carry `loss`, evaluations `val_bpb`) and, once the stage has
+finished, `summary.json` (see `write_summary`).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import sys
+
+from tqdm import tqdm
+
+EMA = 0.9  # smoothing of the logged training loss
+
+
+def peak_flops(device) -> float | None:
+    """bf16 dense peak of one chip (None where MFU means nothing, e.g. CPU)."""
+    kind = device.device_kind.lower()
+    table = [("h200", 989e12), ("h100", 989e12), ("h800", 756e12), ("a100", 312e12), ("a800", 312e12),
+             ("l40s", 362e12), ("b200", 2.25e15), ("gb200", 2.5e15)]
+    if device.platform == "cpu":
+        return None
+    return next((flops for name, flops in table if name in kind), None)
+
+
+def open_checkpoints(directory: str, config, *, keep: int, resume: bool, resume_from_step: int = -1):
+    """(Checkpoints, the step to resume from or None). A directory that already holds checkpoints is
+    never silently overwritten, and a resume must be of the same model."""
+    from nanochat_jax.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(directory, keep=keep)
+    step = resume_from_step if resume_from_step >= 0 else (checkpoints.latest_step() if resume else None)
+    if step is None and checkpoints.latest_step() is not None:
+        checkpoints.close()
+        raise ValueError(f"{checkpoints.directory} already holds checkpoints {checkpoints.all_steps()}; pass --resume "
+                         f"to continue that run, or another --model-tag / --run-dir for a new one")
+    if step is not None:
+        saved = checkpoints.meta(step)["model_config"]
+        if saved != config.to_json_dict():
+            checkpoints.close()
+            raise ValueError(f"{checkpoints.directory} step {step} holds another model ({saved}); "
+                             f"use the flags of that run, or another --model-tag / --run-dir")
+    return checkpoints, step
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """A list that SIGINT/SIGTERM append to: the loop finishes its step, saves and exits."""
+    stop = []
+    handler = lambda signum, frame: stop.append(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+class MetricsLog:
+    """Appends to `<stage dir>/metrics.jsonl` (a resumed stage continues the same file) and, with a
+    project name, to Weights & Biases from the first process."""
+
+    def __init__(self, out_dir: str, *, wandb_project: str | None = None, name: str = "", config: dict | None = None):
+        import jax
+
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        self.wandb = None
+        if wandb_project and jax.process_index() == 0:
+            try:
+                import wandb
+            except ImportError:
+                self.file.close()
+                raise ValueError("--wandb-project needs the wandb package: `uv pip install wandb`") from None
+            self.wandb = wandb.init(project=wandb_project, name=name, config=config)
+
+    def record(self, **fields):
+        self.file.write(json.dumps(fields) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(fields, step=fields["step"])
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def progress_bar(total: int, initial: int, desc: str) -> tqdm:
+    # In a log file (not a terminal) the bar is refreshed rarely instead of on every step.
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30)
+
+
+def smoothed(loop: dict, loss: float, step: int) -> float:
+    """Updates the loss EMA in `loop` and returns it debiased (early steps are not pulled to 0)."""
+    loop["smooth_loss"] = EMA * loop["smooth_loss"] + (1 - EMA) * loss
+    return loop["smooth_loss"] / (1 - EMA ** (step + 1))
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_summary(out_dir: str, *, stage: str, settings: dict, steps: int, tokens: int, training_time_s: float,
+                  wall_time_s: float, results: dict) -> None:
+    """`<stage dir>/summary.json`, written when a training stage finishes:
+    {"stage", "settings" (resolved flags and derived values), "steps", "tokens" (trained on),
+    "training_time_s" (steps only, compilation excluded), "wall_time_s" (this process), "results"}."""
+    write_json(os.path.join(out_dir, "summary.json"), dict(
+        stage=stage, settings=settings, steps=steps, tokens=tokens, training_time_s=training_time_s,
+        wall_time_s=wall_time_s, results=results))
