@@ -6,7 +6,8 @@
 CORE (the reference's 22-task in-context suite, see `nanochat_jax/evals/core.py`) and bits per byte
 on the train and val splits, for a checkpoint the `base` stage wrote (`<run-dir>/base/<model-tag>`,
 or any checkpoints directory with --checkpoint). CORE reads a local eval bundle (--eval-bundle, default the
-download location); nothing is downloaded while evaluating. Results go to `<run-dir>/base_eval/`.
+download location); nothing is downloaded while evaluating. Results go to
+`<run-dir>/base_eval/<model-tag>/` (`results.json` for the report card, `core.csv` as the reference writes it).
 """
 
 import argparse
@@ -89,25 +90,50 @@ def main(argv=None):
 
 
 def run(args, modes):
+    import time
+
     from nanochat_jax.evals import bundle, core
 
+    t0 = time.perf_counter()
     bundle_dir = bundle.find_bundle(args.eval_bundle) if "core" in modes else None  # fail before loading a model
     params, config, tokenizer, tag = load_checkpoint(args.run_dir, "base", args.model_tag, args.checkpoint)
     scorer = make_scorer(params, config, tokenizer, args.batch_tokens)
-    out_dir = os.path.join(args.run_dir, "base_eval")
+    out_dir = os.path.join(args.run_dir, "base_eval", tag)
     os.makedirs(out_dir, exist_ok=True)
-    record = {"model": tag, "model_config": config.to_json_dict()}
+    metrics, settings, details = {}, {"model_tag": tag, "evals": sorted(modes)}, {"model_config": config.to_json_dict()}
     if "bpb" in modes:
-        record["bpb"] = evaluate_bpb_splits(scorer, tokenizer, args)
+        details["bpb"] = evaluate_bpb_splits(scorer, tokenizer, args)
+        metrics.update({f"{split} bpb": value for split, value in details["bpb"].items()})
+        settings["bpb tokens per split"] = args.split_tokens
     if "core" in modes:
         print("=" * 80 + "\nCORE evaluation\n" + "=" * 80)
         summary = core.evaluate_core(scorer, tokenizer, bundle_dir, max_per_task=args.max_per_task)
-        csv_path = os.path.join(out_dir, f"{tag}.csv")
+        csv_path = os.path.join(out_dir, "core.csv")
         core.write_csv(summary, csv_path)
         print(f"results written to {csv_path}\n{core.core_line(summary)}")
-        record["core"] = summary
-    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
-        json.dump(record, f, indent=1)
+        metrics["CORE"] = core_metric_value(summary)
+        settings.update({"CORE examples per task": "all" if args.max_per_task < 0 else args.max_per_task,
+                         "eval bundle": bundle_dir, "CORE tasks missing": ", ".join(summary["missing"]) or "none"})
+        details["core"] = summary
+    write_results(out_dir, "base_eval", "base", metrics, settings, time.perf_counter() - t0, details)
+
+
+def core_metric_value(summary: dict):
+    """CORE for the results file: the number when complete; when tasks are missing, a string that
+    says it is partial, so no table can show it as a full CORE."""
+    if summary["core_metric"] is not None:
+        return summary["core_metric"]
+    done = summary["num_tasks"] - len(summary["missing"])
+    return f"{summary['core_partial']:.4f} (partial: {done}/{summary['num_tasks']} tasks)"
+
+
+def write_results(out_dir: str, stage: str, model: str, metrics: dict, settings: dict, seconds: float, details: dict):
+    """`<out_dir>/results.json` in the report card's format (see nanochat_jax/report.py), details included."""
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump({"stage": stage, "model": model, "metrics": metrics, "settings": settings, "time_s": seconds,
+                   "details": details}, f, indent=1)
+    print(f"results: {path}")
 
 
 def evaluate_bpb_splits(scorer, tokenizer, args) -> dict:

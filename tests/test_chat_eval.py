@@ -10,7 +10,7 @@ from nanochat_jax.evals import chat
 from nanochat_jax.tasks import arc, common, mmlu, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "tests", "data")
+DATA = None  # the samples shipped in nanochat_jax/tasks/data
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_arc_loader_keeps_labels_and_answers():
     letter_sets = {tuple(c["letters"]) for c in challenge}
     assert ("1", "2", "3", "4") in letter_sets and any(len(s) == 5 for s in letter_sets) and any(len(s) == 3 for s in letter_sets)
     # The reference's order: row i of the file lands where the seed-42 permutation puts it.
-    rows = sources.read_jsonl(os.path.join(DATA, "arc/ARC-Easy/ARC-Easy-Test.jsonl.gz"))
+    rows = sources.read_jsonl(sources.find(DATA, "arc/ARC-Easy/ARC-Easy-Test.jsonl"))
     order = np.random.default_rng(42).permutation(len(rows))  # Hugging Face's Dataset.shuffle(seed=42)
     assert [c["messages"][0]["content"].split("\n")[0] for c in easy] == \
         [f"Multiple Choice question: {rows[i]['question']['stem']}" for i in order]
@@ -44,9 +44,11 @@ def test_arc_loader_keeps_labels_and_answers():
 
 def test_mmlu_loader_concatenates_subjects_alphabetically_then_shuffles():
     convs = mmlu.load(DATA)
-    assert len(convs) == 12
-    subjects = ["abstract_algebra"] * 4 + ["anatomy"] * 4 + ["world_religions"] * 4
-    assert [c["subject"] for c in convs] == [subjects[i] for i in np.random.default_rng(42).permutation(12)]
+    folder = sources.find(DATA, "mmlu/test")
+    subjects = [name.split("_test.csv")[0] for name in sorted(os.listdir(folder))]
+    in_file_order = [s for s in subjects for _ in sources.read_csv(os.path.join(folder, f"{s}_test.csv.gz"))]
+    assert len(convs) == len(in_file_order) > 100 and subjects == sorted(subjects)
+    assert [c["subject"] for c in convs] == [in_file_order[i] for i in np.random.default_rng(42).permutation(len(convs))]
     assert all(c["letters"] == ["A", "B", "C", "D"] and c["messages"][1]["content"] in "ABCD" for c in convs)
 
 

@@ -116,7 +116,7 @@ def test_eval_stages_fail_clearly_without_inputs(tmp_path):
     assert proc.returncode != 0 and "eval_bundle" in proc.stderr and "Traceback" not in proc.stderr
     proc = _stage("base_eval", "--run-dir", str(tmp_path), "--eval", "core,sample")
     assert proc.returncode != 0 and "sample is not part of base_eval" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _stage("chat_eval", "-i", "sft", "--run-dir", str(tmp_path), "--data-dir", os.path.join(ROOT, "tests", "data"))
+    proc = _stage("chat_eval", "-i", "sft", "--run-dir", str(tmp_path))
     assert proc.returncode != 0 and "no 'sft' models" in proc.stderr and "Traceback" not in proc.stderr
     proc = _stage("chat_eval", "-i", "sft", "-a", "HumanEval", "--data-dir", str(tmp_path))
     assert proc.returncode != 0 and "need sampling" in proc.stderr and "Traceback" not in proc.stderr
@@ -166,18 +166,26 @@ def test_base_eval_and_chat_eval_end_to_end(run_dir, capsys):
     out = capsys.readouterr().out
     assert restored == [str(root / "base" / "d2" / "checkpoints")]
     assert "CORE metric: PARTIAL" in out and "train bpb" in out and "val bpb" in out
-    record = json.loads((root / "base_eval" / "d2.json").read_text())
-    # The test bundle holds 7 of core.yaml's 22 task files: the other 15 are reported missing.
-    assert record["core"]["core_metric"] is None and len(record["core"]["results"]) == 7
-    assert len(record["core"]["missing"]) == 15 and "squad" in record["core"]["missing"]
-    assert "15 missing" not in out and "over 7 of 22 tasks" in out
-    assert record["bpb"]["train"] > 0 and record["bpb"]["val"] > 0
-    chat_eval.main(["-i", "sft", "-a", "ARC-Easy|MMLU", "--run-dir", str(root), "--data-dir", os.path.join(ROOT, "tests", "data"),
-                    "-x", "4", "--batch-tokens", "1024"])
+    record = json.loads((root / "base_eval" / "d2" / "results.json").read_text())
+    assert (record["stage"], record["model"]) == ("base_eval", "base")
+    # The test bundle holds 7 of core.yaml's 22 task files: the other 15 are reported missing, and
+    # the CORE the report card shows says it is partial.
+    core = record["details"]["core"]
+    assert core["core_metric"] is None and len(core["results"]) == 7 and len(core["missing"]) == 15
+    assert "squad" in core["missing"] and "over 7 of 22 tasks" in out
+    assert isinstance(record["metrics"]["CORE"], str) and record["metrics"]["CORE"].endswith("(partial: 7/22 tasks)")
+    assert record["metrics"]["train bpb"] > 0 and record["metrics"]["val bpb"] > 0
+    assert "missing" in (root / "base_eval" / "d2" / "core.csv").read_text()
+    chat_eval.main(["-i", "sft", "-a", "ARC-Easy|MMLU", "--run-dir", str(root), "-x", "4", "--batch-tokens", "1024"])
     out = capsys.readouterr().out
     assert "ARC-Easy accuracy" in out and "MMLU accuracy" in out and "ChatCORE metric: PARTIAL" in out
-    record = json.loads((root / "chat_eval" / "sft_d2.json").read_text())
-    assert set(record["accuracy"]) == {"ARC-Easy", "MMLU"} and record["chatcore"] is None
+    record = json.loads((root / "chat_eval" / "sft" / "d2" / "results.json").read_text())
+    assert (record["stage"], record["model"]) == ("chat_eval", "sft")
+    assert 0 <= record["metrics"]["ARC-Easy"] <= 1 and 0 <= record["metrics"]["MMLU"] <= 1
+    assert record["metrics"]["ChatCORE"].endswith("(partial: 2/5 tasks)")
+    from nanochat_jax import report
+
+    assert {r["stage"] for r in report.eval_results(str(root))} == {"base_eval", "chat_eval"}  # the report card reads them
 
 
 def test_bench_core_smoke():
