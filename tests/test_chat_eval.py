@@ -101,7 +101,8 @@ def test_categorical_eval_on_the_golden_model_is_reproducible(tok):
         params = convert.from_reference({k[6:]: f[k] for k in f.files if k.startswith("param/")}, config)
     scorer = Scorer(params, config, sharding.make_mesh(), pad_id=tok.bos_token_id, batch_tokens=1024,
                     dtype="float32", progress=False)
-    convs = chat.load_task("MMLU", DATA)[:6] + chat.load_task("ARC-Challenge", DATA)
+    short = [c for c in chat.load_task("MMLU", DATA) if len(tok.render_for_completion(c)) <= 256]  # cheap buckets
+    convs = short[:6] + chat.load_task("ARC-Challenge", DATA)
     first = chat.evaluate_categorical(scorer, tok, convs)
     assert first == chat.evaluate_categorical(scorer, tok, convs)
     prompt = tok.render_for_completion(convs[0])
