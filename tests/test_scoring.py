@@ -1,6 +1,5 @@
 """The batched scorer: the bucket ladder, and numbers independent of padding, batching and mesh size."""
 
-
 import jax
 import numpy as np
 import pytest
