@@ -3,6 +3,7 @@
     python -m launch.parity model IN.npz OUT.npz     # OUT: logits, loss
     python -m launch.parity optim IN.npz OUT.npz     # OUT: after1/<name>, after2/<name>
     python -m launch.parity tokenizer IN.json OUT.json [--corpus FILE.jsonl[.gz]]
+    python -m launch.parity core IN.json MODEL.npz OUT.json [--eval-bundle DIR]
 
 The command computes and writes; it never reads the expected values from IN. Comparing is the
 caller's job (the tests do it), so any file of the same format can be checked the same way.
@@ -99,6 +100,18 @@ def parity_optim(in_path: str, out_path: str) -> None:
         out.update({f"after{i}/{k}": v for k, v in convert.to_reference(params, config).items()})
     np.savez(out_path, **out)
     print(f"wrote {out_path}: {len(out) // 2} parameters after steps 1 and 2, {len(groups)} groups")
+
+
+def _golden_tokenizer(golden: dict):
+    """The tokenizer a golden tokenizer file describes (its ranks, split pattern, special tokens)."""
+    import base64
+
+    from nanochat_jax.tokenizer import Tokenizer
+
+    ranks = {base64.b64decode(k): v for k, v in golden["mergeable_ranks_b64"].items()}
+    return Tokenizer.from_ranks(ranks, golden["pattern"], golden["special_tokens"])
+
+
 def parity_tokenizer(in_path: str, out_path: str, corpus: str | None = None) -> None:
     """Re-encode IN's texts and conversations; with `corpus`, from ranks retrained on it."""
     import base64
@@ -111,8 +124,7 @@ def parity_tokenizer(in_path: str, out_path: str, corpus: str | None = None) -> 
     with open(in_path) as f:
         golden = json.load(f)
     if corpus is None:
-        ranks = {base64.b64decode(k): v for k, v in golden["mergeable_ranks_b64"].items()}
-        tok = Tokenizer.from_ranks(ranks, golden["pattern"], golden["special_tokens"])
+        tok = _golden_tokenizer(golden)
     else:
         texts = list(data.iter_jsonl_texts(corpus))
         tok = Tokenizer.train(texts, golden["vocab_size"], golden["pattern"])
@@ -141,6 +153,55 @@ def parity_tokenizer(in_path: str, out_path: str, corpus: str | None = None) -> 
           f"{len(out['conversations'])} conversations" + (f", ranks retrained on {corpus}" if corpus else ""))
 
 
+def parity_core(in_path: str, model_path: str, out_path: str, bundle: str | None = None) -> None:
+    """Re-render and re-score every example of a CORE golden file with its model and tokenizer.
+
+    The task data comes from `bundle` (default: `../data/core` beside IN, where the golden set keeps
+    it); IN's tasks, example count and seeds say what to take from it."""
+    _force_cpu_float32()
+    import json
+
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from nanochat_jax import convert, sharding
+    from nanochat_jax.evals import core
+    from nanochat_jax.evals.scoring import Scorer
+
+    with open(in_path) as f:
+        golden = json.load(f)
+    if golden.get("shuffle_seed", core.SHUFFLE_SEED) != core.SHUFFLE_SEED or \
+            golden.get("fewshot_seed", "1234+idx") != f"{core.FEWSHOT_SEED}+idx":
+        raise ValueError(f"{in_path}: seeds {golden.get('shuffle_seed')}, {golden.get('fewshot_seed')} are not the reference's")
+    here = os.path.dirname(os.path.abspath(in_path))
+    with open(os.path.join(here, golden["tokenizer"])) as f:
+        tokenizer = _golden_tokenizer(json.load(f))
+    bundle = bundle or os.path.join(here, "..", "data", "core")
+    with np.load(model_path) as f:
+        config = convert.config_from_json(str(f["config"]))
+        params = convert.from_reference({k.removeprefix("param/"): f[k] for k in f.files if k.startswith("param/")}, config)
+    # One device: parity is about numbers, and it keeps the longest prompts' batches small.
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    scorer = Scorer(params, config, mesh, pad_id=tokenizer.bos_token_id, batch_tokens=4096, dtype="float32")
+    out = {k: v for k, v in golden.items() if k != "tasks"}
+    out["tasks"] = {}
+    for label, task_in in golden["tasks"].items():
+        meta = task_in["meta"]
+        task = core.CoreTask(label=label, dataset_uri=meta["dataset_uri"], task_type=meta["task_type"],
+                             num_fewshot=meta["num_fewshot"], delimiter=meta["continuation_delimiter"],
+                             random_baseline=0.0)
+        path = core.task_data_path(bundle, task)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"task {label}: no data at {path} (pass --eval-bundle DIR)")
+        result = core.evaluate_task(scorer, tokenizer, task, core.load_examples(path, golden["n_examples"]))
+        out["tasks"][label] = {"meta": meta, "accuracy": result["accuracy"], "examples": result["examples"]}
+        print(f"{label:<25} accuracy {result['accuracy']:.4f} over {len(result['examples'])} examples")
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+    print(f"wrote {out_path}: {len(out['tasks'])} tasks")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m launch.parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +216,11 @@ def main(argv=None):
     p.add_argument("inp", metavar="IN.json")
     p.add_argument("out", metavar="OUT.json")
     p.add_argument("--corpus", metavar="FILE.jsonl[.gz]", help="retrain the ranks on this corpus (its 'text' fields)")
+    p = sub.add_parser("core", help="CORE prompts, spans, losses and predictions of a golden CORE file")
+    p.add_argument("inp", metavar="IN.json")
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("out", metavar="OUT.json")
+    p.add_argument("--eval-bundle", metavar="DIR", help="task data laid out like eval_bundle/ (default: ../data/core beside IN)")
     args = parser.parse_args(argv)
     try:
         if args.what == "model":
@@ -163,6 +229,8 @@ def main(argv=None):
             parity_optim(args.inp, args.out)
         elif args.what == "tokenizer":
             parity_tokenizer(args.inp, args.out, args.corpus)
+        elif args.what == "core":
+            parity_core(args.inp, args.model, args.out, args.eval_bundle)
     except (OSError, KeyError, ValueError) as e:
         sys.exit(f"parity {args.what}: {e}")
 

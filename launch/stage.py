@@ -15,8 +15,11 @@ STAGES = {
     "tok": ("launch.tok", "main_tok", "train the BPE tokenizer on the pretraining text"),
     "tok_eval": ("launch.tok", "main_tok_eval", "compression ratio of the tokenizer on held-out text"),
     "base": ("launch.base_train", "main", "pretrain a GPT from scratch on the pretraining corpus"),
+    "eval_bundle": ("launch.base_eval", "main_bundle", "download the reference's CORE eval bundle (checksummed)"),
+    "base_eval": ("launch.base_eval", "main", "CORE and bits per byte of a base checkpoint"),
     "mid": ("launch.chat_train", "main_mid", "mid-training: conversations, multiple choice, math, spelling (all tokens)"),
     "sft": ("launch.chat_train", "main_sft", "supervised fine-tuning on conversations (assistant tokens only)"),
+    "chat_eval": ("launch.chat_eval", "main", "chat tasks (ARC-Easy, ARC-Challenge, MMLU) and ChatCORE of a checkpoint"),
     "report": ("launch.report", "main", "write report.md: system, every stage's settings, time and results, plots"),
     "chat_cli": ("launch.chat_cli", "main", "chat with a trained model in the terminal (-p for one answer)"),
 }

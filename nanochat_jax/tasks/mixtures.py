@@ -13,11 +13,11 @@ see `tasks/data/PROVENANCE.md`. `--conversations FILE` adds your own jsonl to ei
 """
 
 import dataclasses
-import os
 
 import numpy as np
 
-from nanochat_jax.tasks import chat, gsm8k, sources, spelling
+from nanochat_jax.tasks import chat, gsm8k, mmlu, sources, spelling
+from nanochat_jax.tasks.common import mc_conversation
 
 MIXTURE_SEED = 42
 MC_LETTERS = "ABCD"
@@ -46,33 +46,14 @@ class Mixture:
         return self._parts[self._which[index]][int(self._local[index])]
 
 
-# ---- multiple choice -----------------------------------------------------------------------
-# TODO(merge): the evals branch's tasks/mmlu.py, tasks/arc.py and tasks/common.py own these
-# formats for evaluation; these two loaders exist only to put training examples in a mixture and
-# should call theirs once both branches are in.
-
-def render_mc(question: str, letters, choices) -> str:
-    """The reference's multiple-choice prompt: each choice followed by "=" and its letter, no space,
-    so the answer token ("A") is the very token seen in the prompt."""
-    lines = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
-    return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
-
-
-def _mc(question, letters, choices, answer) -> dict:
-    return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
-                         {"role": "assistant", "content": answer}]}
-
+# ---- multiple choice (the prompt format lives in tasks/common.py, shared with the chat evals) ----
 
 def mmlu_test(data_dir: str | None = None, hf: bool = False) -> list[dict]:
     """MMLU test (all subjects) as conversations, shuffled."""
-    if hf:
-        rows = [(r["question"], r["choices"], r["answer"]) for r in sources.hub_rows("cais/mmlu", "all", "test")]
-    else:
-        folder = sources.find(data_dir, "mmlu/test")
-        rows = [(r["question"], [r[f"choice{k}"] for k in range(4)], int(r["answer"]))
-                for name in sorted(os.listdir(folder)) if ".csv" in name
-                for r in sources.read_csv(os.path.join(folder, name))]
-    return [_mc(q, MC_LETTERS, c, MC_LETTERS[a]) for q, c, a in sources.shuffled(rows)]
+    if not hf:
+        return mmlu.load(data_dir, "test")
+    rows = [(r["question"], r["choices"], r["answer"]) for r in sources.hub_rows("cais/mmlu", "all", "test")]
+    return [mc_conversation(q, MC_LETTERS, c, MC_LETTERS[a]) for q, c, a in sources.shuffled(rows)]
 
 
 def mmlu_auxiliary_train(data_dir: str | None = None, hf: bool = False) -> list[dict]:
@@ -87,7 +68,7 @@ def mmlu_auxiliary_train(data_dir: str | None = None, hf: bool = False) -> list[
                 choices = r["question"]["choices"]
                 rows.append((r["question"]["stem"], [c["label"] for c in choices], [c["text"] for c in choices],
                              r["answerKey"]))
-    return [_mc(*row) for row in sources.shuffled(rows)]
+    return [mc_conversation(*row) for row in sources.shuffled(rows)]
 
 
 # ---- the recipes ---------------------------------------------------------------------------
