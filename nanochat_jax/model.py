@@ -263,9 +263,20 @@ def _cast(params, dtype):
     return jax.tree.map(lambda w: w.astype(dtype), params)  # master weights stay float32 outside
 
 
+def _unstack(p):
+    """The layer-stacked leaves as lists of per-layer arrays, split once. Its transpose joins the
+    per-layer gradients with one concatenation; indexing the stacks layer by layer instead would
+    build a full-size gradient for every layer and add them up (a quarter of a d20 step)."""
+    def split(a):
+        return [jnp.squeeze(x, 0) for x in jnp.split(a, a.shape[0])]
+
+    return {**p, "blocks": {k: split(v) for k, v in p["blocks"].items()}, "value_embeds": split(p["value_embeds"])}
+
+
 def _trunk(p, tokens_BT, config, attention_backend, cache):
     """The final normalized hidden states (B, T, D), the normalized embeddings (smear's input for
     the next decode step) and the updated per-layer keys/values (None without a cache)."""
+    p = _unstack(p)
     dtype = p["wte"].dtype
     B, T = tokens_BT.shape
     if cache is None:
