@@ -87,14 +87,15 @@ def _block_range(i, own: int, other: int, band: Band):
     (lo, full_lo, full_hi, hi): [lo, hi) touch the band, [full_lo, full_hi) lie wholly inside it
     (and inside the sequence), so they need no mask. Works on traced program ids."""
     T = band.seq_len
+    div = jax.lax.div  # every operand below is >= 0: truncation is floor
     first = i * own
     last = jnp.minimum(first + own, T) - 1  # last real position of the block
-    lo = jnp.maximum(first - band.left, 0) // other
-    hi = jnp.minimum(last + band.right, T - 1) // other + 1
+    lo = div(jnp.maximum(first - band.left, 0), other)
+    hi = div(jnp.minimum(last + band.right, T - 1), other) + 1
     # Wholly visible: the block's last position still sees the column block's first position,
     # its first position sees the column block's last, and neither block holds padding.
-    full_lo = (jnp.maximum(first + own - 1 - band.left, 0) + other - 1) // other
-    full_hi = jnp.minimum(first + band.right + 1, T) // other
+    full_lo = div(jnp.maximum(first + own - 1 - band.left, 0) + other - 1, other)
+    full_hi = div(jnp.minimum(first + band.right + 1, T), other)
     full_hi = jnp.where(first + own > T, full_lo, full_hi)
     full_lo = jnp.clip(full_lo, lo, hi)
     full_hi = jnp.clip(full_hi, full_lo, hi)
@@ -351,9 +352,9 @@ def _decode_kernel(pos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, scal
     pos = pos_ref[...]
     q = q_ref[...]
     band_lo = jnp.min(pos) - (UNLIMITED if window is None else window)
-    lo = jnp.maximum(jnp.maximum(band_lo, 0), c * chunk) // block_k
-    hi = (jnp.minimum(jnp.max(pos) + 1, jnp.minimum((c + 1) * chunk, cache_len)) + block_k - 1) \
-        // block_k
+    lo = jax.lax.div(jnp.maximum(jnp.maximum(band_lo, 0), c * chunk), block_k)
+    end = jnp.minimum(jnp.max(pos) + 1, jnp.minimum((c + 1) * chunk, cache_len))
+    hi = jax.lax.div(jnp.maximum(end, 0) + block_k - 1, block_k)
 
     def body(j, carry):
         o, m, l = carry
