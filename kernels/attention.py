@@ -52,9 +52,9 @@ class Blocks:
     and walks queries `bwd_minor` at a time; the dq pass holds `bwd_major` queries and walks keys
     `bwd_minor` at a time (one grid index serves both, so both use bwd_major)."""
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 128
     bwd_major: int = 64
-    bwd_minor: int = 32
+    bwd_minor: int = 64
     num_warps_fwd: int = 8
     num_stages_fwd: int = 3
     num_warps_bwd: int = 4
@@ -115,10 +115,12 @@ def _dot(a, b, trans_a=False, trans_b=False):
     return plt.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
-def _scores(q, k, rows, cols, band, scale, masked):
-    """Base-2 logits of a (rows x cols) tile, masked outside the band when asked."""
-    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
-    return jnp.where(band.visible(rows, cols), s, MASK_VALUE) if masked else s
+def _scores(q, k, rows, cols, band, c, masked):
+    """Raw q.k of a (rows x cols) tile, masked outside the band when asked. Callers form the
+    base-2 logits as s * c - shift in one fused multiply-add; the mask value is chosen so that
+    it stays finite after the multiply by c."""
+    s = _dot(q, k, trans_b=True)
+    return jnp.where(band.visible(rows, cols), s, MASK_VALUE / max(c, 1.0)) if masked else s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,15 +131,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band, scale, block_q, bl
     i = pl.program_id(0)
     q = q_ref[...]
     rows = i * block_q + jnp.arange(block_q)
+    c = scale * LOG2E
 
     def body(j, carry, masked):
         o, m, l = carry
         k = k_ref[pl.ds(j * block_k, block_k), :]
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = _scores(q, k, rows, j * block_k + jnp.arange(block_k), band, scale, masked)
-        m_new = jnp.maximum(m, s.max(axis=1))
+        s = _scores(q, k, rows, j * block_k + jnp.arange(block_k), band, c, masked)
+        m_new = jnp.maximum(m, s.max(axis=1) * c)  # c > 0: max commutes with the scale
         correction = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        p = jnp.exp2(s * c - m_new[:, None])
         l = l * correction + p.sum(axis=1)
         o = o * correction[:, None] + _dot(p.astype(v.dtype), v)
         return o, m_new, l
@@ -189,6 +192,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref,
                 *, band, scale, major, minor, group):
     j = pl.program_id(0)
     D = q_ref.shape[-1]
+    c = scale * LOG2E
 
     # dk, dv of key block j: every query head of the group, every query block that sees it.
     k = k_ref[pl.ds(j * major, major), :]
@@ -200,8 +204,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref,
         dk, dv = carry
         rows = pl.ds(t * minor, minor)
         q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-        s = _scores(q, k, t * minor + jnp.arange(minor), cols, band, scale, masked)
-        p = jnp.exp2(s - lse_ref[g, rows][:, None])
+        s = _scores(q, k, t * minor + jnp.arange(minor), cols, band, c, masked)
+        p = jnp.exp2(s * c - lse_ref[g, rows][:, None])
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (_dot(do, v, trans_b=True) - delta_ref[g, rows][:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
@@ -224,11 +228,11 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref,
         q, do = q_ref[rows, g, :], do_ref[rows, g, :]
         lse, delta = lse_ref[g, rows], delta_ref[g, rows]
 
-        def body(c, dq, masked):
-            kc = k_ref[pl.ds(c * minor, minor), :]
-            vc = v_ref[pl.ds(c * minor, minor), :]
-            s = _scores(q, kc, row_ids, c * minor + jnp.arange(minor), band, scale, masked)
-            p = jnp.exp2(s - lse[:, None])
+        def body(j2, dq, masked):
+            kc = k_ref[pl.ds(j2 * minor, minor), :]
+            vc = v_ref[pl.ds(j2 * minor, minor), :]
+            s = _scores(q, kc, row_ids, j2 * minor + jnp.arange(minor), band, c, masked)
+            p = jnp.exp2(s * c - lse[:, None])
             ds = p * (_dot(do, vc, trans_b=True) - delta[:, None])
             return dq + _dot(ds.astype(kc.dtype), kc)
 

@@ -67,7 +67,7 @@ def check_decode(B, S, T, H, K, D, window, dtype, seed):
     return {"out": rel_err(got, want)}
 
 
-def time_ms(fn, *args, reps=7, inner=10):
+def time_ms(fn, *args, reps=5, inner=10):
     jax.block_until_ready(fn(*args))  # compile + warm up
     jax.block_until_ready(fn(*args))
     times = []
@@ -174,12 +174,11 @@ def main():
     blocks = Blocks()
     if not args.no_sweep:
         fwd_opts = [Blocks(block_q=bq, block_k=bk, num_warps_fwd=w, num_stages_fwd=s)
-                    for bq, bk, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3),
-                                         (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2)]]
+                    for bq, bk, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4),
+                                         (64, 128, 4, 3)]]
         best_fwd, report["sweep"]["fwd"] = sweep(fwd_opts, "fwd", 16, 2048, 10, 128, None)
         bwd_opts = [dataclasses.replace(best_fwd, bwd_major=M, bwd_minor=m, num_warps_bwd=w, num_stages_bwd=s)
-                    for M, m, w, s in [(64, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2),
-                                       (128, 32, 4, 3), (64, 32, 4, 3)]]
+                    for M, m, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)]]
         blocks, report["sweep"]["fwd_bwd"] = sweep(bwd_opts, "fwd+bwd", 16, 2048, 10, 128, None)
         report["blocks"] = dataclasses.asdict(blocks)
         print(f"tiles: {blocks}", flush=True)
@@ -188,7 +187,7 @@ def main():
     # ---- the table
     B, D = 16, 128
     rows = []
-    names = ["d20"] if args.quick else list(SHAPES)
+    names = ["d20"] if args.quick else ["d20", "d12", "d26"]  # the headline shape first
     for name in names:
         for T in ([2048] if args.quick else [2048, 4096]):
             for window in (None, 512):
@@ -231,10 +230,11 @@ def main():
         print(row, flush=True)
     save()
 
-    # ---- Mosaic GPU reference forward (jax's FA3-style kernel: causal, no window) for scale
+    # ---- Mosaic GPU reference forward (jax's FA3-style kernel: causal, no window, fp16 only) for
+    # scale: how far wgmma + TMA + warp specialization take the forward on this shape
     try:
         from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
-        q, k, v, _ = inputs(16, 2048, 10, 10, 128)
+        q, k, v, _ = inputs(16, 2048, 10, 10, 128, dtype=jnp.float16)
         cfg = mg.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
         f = jax.jit(lambda q, k, v: mg.attention(q * (128 ** -0.5), k, v, cfg))
         err = rel_err(f(q, k, v), oracle(q, k, v, None))
