@@ -61,6 +61,14 @@ class Blocks:
     num_stages_bwd: int = 2
 
 
+# Tiles measured on the H200 (kernels/README.md): bf16 takes 128 x 128 forward tiles; fp32 tiles
+# are twice the bytes, and 128 x 128 with three pipeline stages overflows shared memory at D = 128.
+DEFAULT_BLOCKS = {
+    jnp.dtype(jnp.bfloat16): Blocks(),
+    jnp.dtype(jnp.float32): Blocks(block_q=128, block_k=64, bwd_major=64, bwd_minor=32),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Band:
     left: int
@@ -326,13 +334,15 @@ def _tile(blocks: Blocks) -> int:
 
 
 def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
-                    sm_scale: float | None = None, blocks: Blocks = Blocks(),
+                    sm_scale: float | None = None, blocks: Blocks | None = None,
                     interpret: bool = False):
     """softmax(q k^T * sm_scale + band mask) v, differentiable (Pallas backward).
 
     q (B, T, H, D); k, v (B, T, H_kv, D) with H % H_kv == 0; bf16 or fp32. `window` w: query t
-    sees keys t - w ... t (causal) or t - w ... t + w (not causal); None = unlimited."""
+    sees keys t - w ... t (causal) or t - w ... t + w (not causal); None = unlimited.
+    `blocks` None picks the measured tiles for the dtype."""
     _check(q, k, v)
+    blocks = DEFAULT_BLOCKS[q.dtype] if blocks is None else blocks
     if window is not None and window < 0:
         raise ValueError(f"window must be >= 0 or None, got {window}")
     for size in dataclasses.astuple(blocks)[:4]:
