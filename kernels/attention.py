@@ -348,8 +348,6 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
     for size in dataclasses.astuple(blocks)[:4]:
         if size < 16 or size & (size - 1):
             raise ValueError(f"block sizes must be powers of two >= 16, got {blocks}")
-    if _tile(blocks) % blocks.bwd_major or _tile(blocks) % blocks.block_q:
-        raise ValueError(f"blocks {blocks} must divide each other")
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     return _flash(q, k, v, Band.of(causal, window, q.shape[1]), scale, blocks, interpret)
 
