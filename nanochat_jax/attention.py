@@ -3,6 +3,8 @@
 Backends:
   xla    plain jnp; always available; the oracle every other backend is tested against.
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only.
+  pallas our flash-attention kernels (kernels/attention.py); compiled through Triton on GPU,
+         run by the Pallas interpreter elsewhere (slow: for tests).
 
 Layout is (B, T, H, D) for queries and (B, T, H_kv, D) for keys and values, H a multiple of H_kv.
 `window` w means query t sees keys t - w ... t; None means unlimited (plain causal).
@@ -11,7 +13,7 @@ Layout is (B, T, H, D) for queries and (B, T, H_kv, D) for keys and values, H a 
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "cudnn")
+BACKENDS = ("xla", "cudnn", "pallas")
 
 
 def default_backend() -> str:
@@ -30,6 +32,11 @@ def attention(q_BTHD, k_BTKD, v_BTKD, *, window: int | None, backend: str = "xla
             local_window_size=None if window is None else (window, 0),
             implementation="cudnn",
         )
+    if backend == "pallas":
+        from kernels.attention import flash_attention
+
+        return flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, window=window,
+                               interpret=jax.default_backend() != "gpu")
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -52,11 +59,12 @@ def _attention_xla(q_BTHD, k_BTKD, v_BTKD, window):
     return out_BTKGD.reshape(B, T, H, D)
 
 
-def attention_cached(q_BTHD, k_BSKD, v_BSKD, positions_BT, *, window: int | None):
+def attention_cached(q_BTHD, k_BSKD, v_BSKD, positions_BT, *, window: int | None, backend: str = "xla"):
     """Queries at absolute positions `positions_BT` (consecutive within a row) against a KV cache
     whose slot s holds position s. Key s is visible to the query at p iff s <= p and p - s <= window.
 
-    Plain jnp, so it runs everywhere; a Pallas decode kernel can take its place later.
+    backend "pallas" runs the split-K decode kernel (kernels/attention.py); any other is this plain
+    jnp version, which runs everywhere (cuDNN has no kernel for a cache with per-row lengths).
 
     Sliding-window layers read only the slots their queries can see: a window of w + T slots cut
     per row out of the full-length cache with a dynamic slice. A ring buffer of w + 1 slots would
@@ -65,6 +73,11 @@ def attention_cached(q_BTHD, k_BSKD, v_BSKD, positions_BT, *, window: int | None
     second write path. Memory is not what decoding runs out of at a 2k context; bytes read per step
     are, and the slice already reads only the window.
     """
+    if backend == "pallas":
+        from kernels.attention import decode_attention
+
+        return decode_attention(q_BTHD, k_BSKD, v_BSKD, positions_BT, window=window,
+                                interpret=jax.default_backend() != "gpu")
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     span = S if window is None else min(S, window + T)

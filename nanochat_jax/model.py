@@ -213,7 +213,8 @@ def _attention_block(x_BTD, layer, ve_BTK, cos_sin, p, config, window, backend, 
         # real slots (a clamped dynamic_update_slice would overwrite the row's last keys).
         k_LBSKD = k_LBSKD.at[layer, rows_B1, positions_BT].set(k.astype(k_LBSKD.dtype), mode="drop")
         v_LBSKD = v_LBSKD.at[layer, rows_B1, positions_BT].set(v.astype(v_LBSKD.dtype), mode="drop")
-        y = attn_lib.attention_cached(q, k_LBSKD[layer], v_LBSKD[layer], positions_BT, window=window)
+        y = attn_lib.attention_cached(q, k_LBSKD[layer], v_LBSKD[layer], positions_BT, window=window,
+                                     backend=backend)
         cache_kv = (k_LBSKD, v_LBSKD)
     return linear(y.reshape(B, T, H * hd), blk["attn_proj"][layer]), cache_kv
 
