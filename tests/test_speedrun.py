@@ -12,14 +12,12 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# TODO(merge): the eval stages come from the evals branch; drop this --skip once they are in.
-SKIP = ["--skip", "base_eval,chat_eval_mid,chat_eval_sft"]
 
 
 def speedrun(run_dir, cwd, **kwargs):
     env = dict(os.environ, XLA_FLAGS="", NANOCHAT_JAX_CACHE="")  # one CPU device, like a user's shell
-    return subprocess.Popen(["bash", os.path.join(REPO, "speedrun_jax.sh"), "--preset", "smoke", "--run-dir", run_dir,
-                             *SKIP], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(["bash", os.path.join(REPO, "speedrun_jax.sh"), "--preset", "smoke", "--run-dir", run_dir],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kwargs)
 
 
@@ -49,7 +47,7 @@ def test_killed_speedrun_resumes_and_finishes_with_a_report(tmp_path):
         assert os.path.exists(os.path.join(run_dir, stage, "d1", "summary.json")), stage
 
     text = (tmp_path / "report.md").read_text()
-    for section in ("tok", "tok_eval", "base", "mid", "sft"):
+    for section in ("tok", "tok_eval", "base", "base_eval", "mid", "sft", "chat_eval"):
         body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
         assert "not run" not in body and "unfinished" not in body, section
     assert os.path.exists(os.path.join(tmp_path, text.split("![base d1](", 1)[1].split(")", 1)[0]))
