@@ -187,12 +187,6 @@ def run(args):
     token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(mesh))
     eval_batches_n = max(1, args.eval_tokens // (rows_per_micro * args.max_seq_len))
 
-    def next_step_batch():
-        rows = [next(train_batches) for _ in range(micro_steps)]
-        inputs = np.stack([r[0] for r in rows])
-        targets = np.stack([r[1] for r in rows])
-        return sharding.global_batch(inputs, micro_sharding), sharding.global_batch(targets, micro_sharding)
-
     def val_bpb():
         batches = data.pretrain_batches(tokenizer, local_rows, args.max_seq_len, source=args.data_dir,
                                         split="val", **proc)
@@ -230,8 +224,9 @@ def run(args):
                     break
                 for name, fn in schedules.items():
                     opt_state.hyperparams[name] = np.float32(fn(step))
+                batch = loop_lib.next_step_batch(train_batches, micro_steps, micro_sharding)
                 params, opt_state = loop_lib.timed_step(
-                    step_fn, params, opt_state, next_step_batch(), step=step, start_step=start_step, loop=loop,
+                    step_fn, params, opt_state, batch, step=step, start_step=start_step, loop=loop,
                     tokens=hp.total_batch_size, flops_per_token=flops_per_token, peak=peak, n_devices=n_devices,
                     log=log, bar=bar, lr_multiplier=float(schedules["lr_multiplier"](step)))
                 step += 1

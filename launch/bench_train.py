@@ -18,7 +18,6 @@ MEASURED_CEILING = 808e12  # bf16 8192^3 matmul measured on the lent H200
 
 def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, steps, attention_backend, loss_chunk_len):
     import jax
-    import numpy as np
 
     from nanochat_jax import model, optim, sharding, train
     from nanochat_jax.config import compute_dtype, config_from_depth

@@ -238,12 +238,6 @@ def run(stage, args):
     token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(mesh))
     eval_batches_n = max(1, args.eval_tokens // tokens_per_micro)
 
-    def next_step_batch():
-        rows = [next(train_batches) for _ in range(micro_steps)]
-        inputs = np.stack([r[0] for r in rows])
-        targets = np.stack([r[1] for r in rows])
-        return sharding.global_batch(inputs, micro_sharding), sharding.global_batch(targets, micro_sharding)
-
     def val_bpb():
         batches = data.conversation_batches(val_mix, tokenizer, local_rows, args.max_seq_len, supervise=supervise,
                                             **proc)
@@ -284,7 +278,7 @@ def run(stage, args):
                     tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
                 if finished:
                     break
-                tokens, targets = next_step_batch()
+                tokens, targets = loop_lib.next_step_batch(train_batches, micro_steps, micro_sharding)
                 # Progress counts the conversations in this step too, like the reference's prefetch.
                 progress = step / args.num_iterations if args.num_iterations > 0 else epoch_done()[1]
                 loop["progress"] = max(loop["progress"], progress)

@@ -99,6 +99,17 @@ def progress_bar(total: int, initial: int, desc: str) -> tqdm:
                 mininterval=0.1 if sys.stderr.isatty() else 30)
 
 
+def next_step_batch(batches, micro_steps: int, micro_sharding):
+    """The next optimizer step's batch: `micro_steps` host batches from this process's iterator,
+    stacked and assembled into global (micro_steps, rows, T) arrays on the mesh."""
+    import numpy as np
+
+    from nanochat_jax import sharding
+
+    rows = [next(batches) for _ in range(micro_steps)]
+    return tuple(sharding.global_batch(np.stack([r[i] for r in rows]), micro_sharding) for i in (0, 1))
+
+
 def timed_step(step_fn, params, opt_state, batch, *, step: int, start_step: int, loop: dict, tokens: int,
                flops_per_token: int, peak: float | None, n_devices: int, log: MetricsLog, bar: tqdm, **extra):
     """Runs one optimizer step and accounts for it: wall time (the first step of a process includes

@@ -104,6 +104,18 @@ def _download_shard(url, path, attempts, backoff_s, timeout_s):
         print(f"{os.path.basename(path)}: {problem}; fetching it again")
         os.remove(path)
     part = path + ".part"
+    fetch_with_retries(url, part, attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s, validate=_check_parquet)
+    with open(part + ".sha256", "w") as f:
+        f.write(sha256_of(part))
+    os.replace(part + ".sha256", path + ".sha256")
+    os.replace(part, path)
+
+
+def fetch_with_retries(url: str, part: str, *, attempts: int, backoff_s: float, timeout_s: float, validate=None) -> None:
+    """Downloads `url` into `part`, resuming what earlier attempts (or runs) left there, with
+    exponential backoff between attempts. `validate(part)` returns a problem or None; a file with a
+    problem is deleted (corrupt content cannot be resumed) and fetched again. Raises DownloadError
+    at once for a 404 (retrying cannot help), else after the last attempt."""
     last = "no attempt"
     for attempt in range(attempts):
         if attempt:
@@ -111,22 +123,18 @@ def _download_shard(url, path, attempts, backoff_s, timeout_s):
         try:
             _fetch_resuming(url, part, timeout_s)
         except urllib.error.HTTPError as e:
-            if e.code == 404:  # permanent: retrying cannot help
+            if e.code == 404:
                 raise DownloadError(f"not on the server (HTTP 404): {url}") from None
             last = f"HTTP {e.code}"
             continue
         except (urllib.error.URLError, http.client.HTTPException, OSError, DownloadError) as e:
             last = str(e)  # connection dropped or short: the .part file keeps what arrived
             continue
-        problem = _check_parquet(part)
+        problem = validate(part) if validate else None
         if problem is None:
-            with open(part + ".sha256", "w") as f:
-                f.write(_sha256(part))
-            os.replace(part + ".sha256", path + ".sha256")
-            os.replace(part, path)
             return
-        last = f"downloaded file is not a valid shard ({problem})"
-        os.remove(part)  # corrupt content cannot be resumed; start over
+        last = f"downloaded file is not valid ({problem})"
+        os.remove(part)
     raise DownloadError(f"failed after {attempts} attempts, last: {last}")
 
 
@@ -161,7 +169,7 @@ def verify_shard(path: str) -> str | None:
     side = path + ".sha256"
     if os.path.exists(side):
         with open(side) as f:
-            return None if f.read().strip() == _sha256(path) else "checksum mismatch (corrupted on disk)"
+            return None if f.read().strip() == sha256_of(path) else "checksum mismatch (corrupted on disk)"
     return _check_parquet(path)
 
 
@@ -177,7 +185,7 @@ def _check_parquet(path):
     return None
 
 
-def _sha256(path):
+def sha256_of(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

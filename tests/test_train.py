@@ -1,7 +1,6 @@
 """The same step on one device, on 8 devices as 8x1 and 4x2 meshes, and with gradient accumulation."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

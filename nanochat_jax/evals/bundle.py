@@ -5,11 +5,8 @@ A bundle is a folder with `core.yaml` (the tasks), `eval_meta_data.csv` (their r
 while evaluating: the `eval_bundle` stage fetches it once, explicitly.
 """
 
-import http.client
 import os
 import shutil
-import time
-import urllib.error
 import zipfile
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -48,22 +45,11 @@ def download_bundle(dest: str | None = None, url: str = EVAL_BUNDLE_URL, sha256:
         raise BundleError(f"{dest} already exists; remove it first to download again")
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     part = dest + ".zip.part"
-    last = "no attempt"
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-        try:
-            data._fetch_resuming(url, part, timeout_s)
-            break
-        except urllib.error.HTTPError as e:
-            if e.code == 404:  # permanent: retrying cannot help
-                raise BundleError(f"not on the server (HTTP 404): {url}") from None
-            last = f"HTTP {e.code}"
-        except (urllib.error.URLError, http.client.HTTPException, OSError, data.DownloadError) as e:
-            last = str(e)  # connection dropped or short: the .part keeps what arrived
-    else:
-        raise BundleError(f"download of {url} failed after {attempts} attempts, last: {last}")
-    got = data._sha256(part)
+    try:
+        data.fetch_with_retries(url, part, attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s)
+    except data.DownloadError as e:
+        raise BundleError(f"download of {url}: {e}") from None
+    got = data.sha256_of(part)
     if sha256 is not None and got != sha256:
         os.remove(part)  # a wrong archive cannot be resumed into a right one
         raise BundleError(f"{url}: sha256 {got} is not the expected {sha256}; the archive was removed")
