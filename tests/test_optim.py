@@ -11,9 +11,7 @@ import pytest
 
 from nanochat_jax import convert, optim, sharding
 
-_HERE = pathlib.Path(__file__).parent
-_GOLDEN = next((p for p in (_HERE / "golden/optim_a.npz", _HERE.parent.parent / "shared/golden/optim_a.npz") if p.exists()), None)
-needs_golden = pytest.mark.skipif(_GOLDEN is None, reason="optim_a.npz not found")
+_GOLDEN = pathlib.Path(__file__).parent / "golden" / "optim_a.npz"
 
 
 def rel_err(a, b):
@@ -33,7 +31,6 @@ def _stage(golden, stage, config):
 
 # --- parity with the reference ----------------------------------------------------------------
 
-@needs_golden
 def test_parity_optim_reproduces_two_reference_steps(golden, tmp_path):
     from launch.parity import parity_optim
 
@@ -51,7 +48,6 @@ def test_parity_optim_reproduces_two_reference_steps(golden, tmp_path):
             assert all(rel_err(out[k], golden[k.replace(f"after{step}/", "before/")]) > 1e-6 for k in expected)
 
 
-@needs_golden
 def test_reference_groups_match_the_references_param_groups(golden):
     """Our group assignment and per-group hyperparameters, built from the setup_optimizer
     arguments, equal the param groups the reference itself wrote."""
@@ -245,7 +241,6 @@ def _sharded_step(params, grads, config, mesh, groups):
     return step(params, state, grads)
 
 
-@needs_golden
 def test_one_device_and_eight_devices_agree_and_state_is_sharded(golden):
     assert jax.device_count() == 8
     config = convert.config_from_json(str(golden["config"]))
