@@ -1,4 +1,5 @@
-"""Categorical chat evals: the ARC and MMLU loaders, the reference's prompt, letter scoring, ChatCORE."""
+"""Chat evals: the ARC, MMLU, GSM8K and HumanEval loaders, the reference's prompt, letter scoring,
+GSM8K answers, HumanEval programs in the sandbox, reproducible sampling, ChatCORE."""
 
 import json
 import os
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from nanochat_jax.evals import chat
-from nanochat_jax.tasks import arc, common, mmlu, sources
+from nanochat_jax.tasks import arc, common, gsm8k, humaneval, mmlu, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = None  # the samples shipped in nanochat_jax/tasks/data
@@ -57,8 +58,11 @@ def test_missing_task_data_is_a_clear_error(tmp_path):
         arc.load(str(tmp_path), "ARC-Easy")
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         mmlu.load(str(tmp_path))
-    with pytest.raises(ValueError, match="need sampling"):
-        chat.load_task("GSM8K", str(tmp_path))
+    for name in chat.GENERATIVE:
+        with pytest.raises(FileNotFoundError, match="--data-dir"):
+            chat.load_task(name, str(tmp_path))
+    with pytest.raises(ValueError, match="the tasks are"):
+        chat.load_task("SQuAD", None)
 
 
 class _FixedLogits:
@@ -119,3 +123,82 @@ def test_chatcore_full_and_partial():
     part = chat.chatcore({"ARC-Easy": 0.625, "MMLU": 0.4375})
     assert part["chatcore"] is None and part["chatcore_partial"] == pytest.approx(0.375)
     assert part["missing"] == ["ARC-Challenge", "GSM8K", "HumanEval"]
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so she earns 12 * 5 = 60.\n#### 60", "60"),
+    ("#### 1,234,567", "1234567"),
+    ("It drops by 7.\n#### -7", "-7"),
+    ("#### 0.25 dollars", "0.25"),
+    ("#### 3.\n", "3."),  # compared as text, like GSM8K's grader: "3." is not "3"
+    ("first #### 5 then #### 6", "5"),  # the first marker counts
+    ("The answer is 60.", None),
+    ("####60", None),  # the grader's pattern wants the space
+    ("#### sixty", None),
+])
+def test_gsm8k_answer_extraction(text, answer):
+    assert gsm8k.extract_answer(text) == answer
+
+
+def test_gsm8k_scoring_of_fixed_completions():
+    conv = gsm8k.load("test")[0]
+    answer = gsm8k.extract_answer(conv["messages"][-1]["content"][-1]["text"])
+    assert answer is not None and len(gsm8k.load("test")) == 100
+    big = gsm8k.conversation({"question": "q", "answer": "a <<1000*1234=1234000>>1234000\n#### 1234000"})
+    assert gsm8k.evaluate(big, "... = 1,234,000\n#### 1,234,000")
+    assert gsm8k.evaluate(conv, f"Some reasoning.\n#### {answer}") and not gsm8k.evaluate(conv, f"#### {answer}1")
+    assert not gsm8k.evaluate(conv, f"The answer is {answer}.")  # no "####": no answer
+    result = chat.evaluate_generative(_Canned([f"#### {answer}", "#### 0"]), _Tok(), [conv, conv], gsm8k.evaluate)
+    assert (result["passed"], result["total"], result["accuracy"]) == (1, 2, 0.5)
+
+
+class _Tok:
+    """Text is its own tokens: prompts are rendered to a stand-in, completions decoded as given."""
+
+    def render_for_completion(self, conv):
+        return [1]
+
+    def decode(self, tokens):
+        return tokens[0]
+
+
+class _Canned:
+    """An engine whose i-th prompt's samples are the given texts (one list per prompt)."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate_batch(self, prompts, **kwargs):
+        from nanochat_jax.engine import Sample
+
+        per_prompt = [t if isinstance(t, list) else [t] for t in self.texts]
+        return [[Sample([text], [1]) for text in texts] for texts in per_prompt]
+
+
+def test_humaneval_programs_run_in_the_sandbox():
+    problems = humaneval.load(None)
+    assert sorted(c["task_id"] for c in problems) == [f"HumanEval/{i}" for i in range(5)]
+    conv = next(c for c in problems if c["entry_point"] == "has_close_elements")
+    # Rewritten without its `from typing import List` (the prompt's imports are added back), in a
+    # fenced block with chatter around it.
+    right = ("Here you go:\n```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+             "    s = sorted(numbers)\n    return any(b - a < threshold for a, b in zip(s, s[1:]))\n```\nDone.")
+    wrong = right.replace("b - a < threshold", "b - a > threshold")
+    assert humaneval.evaluate(conv, right) and not humaneval.evaluate(conv, wrong)
+    assert not humaneval.evaluate(conv, "def has_close_elements(numbers, threshold):\n    while True: pass", timeout=1)
+    assert humaneval.evaluate(conv, conv["messages"][1]["content"])  # the canonical solution, unfenced
+    result = chat.evaluate_generative(_Canned([[wrong, right], [wrong]]), _Tok(), [conv, conv], humaneval.evaluate)
+    assert (result["passed"], result["total"]) == (1, 2)  # any sample passing is enough
+
+
+def test_generative_eval_of_a_tiny_model_is_reproducible(tiny_tokenizer, live_params):
+    from nanochat_jax.config import GPTConfig
+    from nanochat_jax.engine import Engine
+
+    config = GPTConfig(sequence_len=512, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    engine = Engine(live_params(config), config, tiny_tokenizer, dtype="float32", chunk=8)
+    convs = gsm8k.load("test")[:2]
+    runs = [chat.evaluate_generative(engine, tiny_tokenizer, convs, gsm8k.evaluate, max_tokens=12, num_samples=2,
+                                     temperature=1.0, seed=7) for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0]["total"] == 2
+    assert all(len(texts) == 2 and all(texts) for texts in runs[0]["completions"])

@@ -119,7 +119,8 @@ def test_eval_stages_fail_clearly_without_inputs(tmp_path):
     proc = _stage("chat_eval", "-i", "sft", "--run-dir", str(tmp_path))
     assert proc.returncode != 0 and "no 'sft' models" in proc.stderr and "Traceback" not in proc.stderr
     proc = _stage("chat_eval", "-i", "sft", "-a", "HumanEval", "--data-dir", str(tmp_path))
-    assert proc.returncode != 0 and "need sampling" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "humaneval/HumanEval.jsonl" in proc.stderr and "--data-dir" in proc.stderr \
+        and "Traceback" not in proc.stderr
     out = _stage("--help").stdout
     assert all(name in out for name in ("eval_bundle", "base_eval", "chat_eval"))
 

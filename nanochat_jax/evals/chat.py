@@ -1,9 +1,12 @@
-"""Chat evaluations that need no sampling (categorical: ARC-Easy, ARC-Challenge, MMLU) and ChatCORE.
+"""Chat evaluations: categorical (ARC-Easy, ARC-Challenge, MMLU), generative (GSM8K, HumanEval), ChatCORE.
 
 A categorical task is scored as the reference scores it: the conversation is rendered for
 completion (up to <|assistant_start|>), and the prediction is the answer letter whose token has the
-highest logit at the last position, among that question's letters only. ChatCORE is the mean
-centered accuracy over the reference's five chat tasks; over fewer it is reported as partial.
+highest logit at the last position, among that question's letters only. A generative task samples
+completions of the same prompt (greedy by default, calculator tool use included) and a problem
+passes when any of its samples does: GSM8K compares the number after "####", HumanEval runs the
+code against the problem's tests in the sandbox. ChatCORE is the mean centered accuracy over the
+reference's five chat tasks; over fewer it is reported as partial.
 """
 
 import numpy as np
@@ -11,20 +14,30 @@ import numpy as np
 # Random-guess accuracy of each chat task (multiple choice of 4, or open-ended).
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")
+GENERATIVE = ("GSM8K", "HumanEval")
 
 
 def load_task(name: str, data_dir: str | None) -> list[dict]:
-    """The test split of a categorical chat task, from local files under `data_dir` (None: the
-    samples shipped in nanochat_jax/tasks/data)."""
-    from nanochat_jax.tasks import arc, mmlu
+    """The test split of a chat task, from local files under `data_dir` (None: the samples shipped
+    in nanochat_jax/tasks/data)."""
+    from nanochat_jax.tasks import arc, gsm8k, humaneval, mmlu
 
     if name in ("ARC-Easy", "ARC-Challenge"):
         return arc.load(data_dir, name, "test")
     if name == "MMLU":
         return mmlu.load(data_dir, "test")
-    generative = sorted(set(BASELINES) - set(CATEGORICAL))
-    raise ValueError(f"unknown chat task {name!r}: categorical tasks are {list(CATEGORICAL)}"
-                     + (f" ({', '.join(generative)} need sampling, which chat_eval does not do yet)" if name in generative else ""))
+    if name == "GSM8K":
+        return gsm8k.load("test", data_dir)
+    if name == "HumanEval":
+        return humaneval.load(data_dir)
+    raise ValueError(f"unknown chat task {name!r}: the tasks are {list(BASELINES)}")
+
+
+def judge(name: str):
+    """`(conversation, completion text) -> passed` of a generative task."""
+    from nanochat_jax.tasks import gsm8k, humaneval
+
+    return {"GSM8K": gsm8k.evaluate, "HumanEval": humaneval.evaluate}[name]
 
 
 def letter_token_ids(tokenizer, letters) -> list[int]:
@@ -52,6 +65,23 @@ def evaluate_categorical(scorer, tokenizer, conversations: list[dict], desc: str
     total = len(conversations)
     return {"accuracy": passed / total if total else float("nan"), "passed": passed, "total": total,
             "predictions": predictions}
+
+
+def evaluate_generative(engine, tokenizer, conversations: list[dict], passes, *, num_samples: int = 1,
+                        max_tokens: int = 512, temperature: float = 0.0, top_k: int | None = 50, seed: int = 42,
+                        progress: bool = False) -> dict:
+    """Accuracy (a problem passes if any of its samples does, `passes(conversation, text)`) and every
+    completion's text. All prompts go through the engine as one batch with one seed, so a run is a
+    pure function of the model, the data and these settings."""
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    samples = engine.generate_batch(prompts, max_tokens=max_tokens, num_samples=num_samples,
+                                    temperature=temperature, top_k=top_k, seed=seed, progress=progress)
+    completions = [[tokenizer.decode(s.tokens) for s in row] for row in samples]
+    # any() stops at the first pass: no more sandbox runs than needed
+    passed = sum(any(passes(c, text) for text in texts) for c, texts in zip(conversations, completions))
+    total = len(conversations)
+    return {"accuracy": passed / total if total else float("nan"), "passed": passed, "total": total,
+            "completions": completions}
 
 
 def chatcore(accuracies: dict[str, float]) -> dict:

@@ -10,6 +10,21 @@ import re
 from nanochat_jax.tasks import sources
 
 _CALL = re.compile(r"(<<[^>]*>>)")
+# The final answer line of a solution, as GSM8K's own grader reads it (commas are dropped after).
+_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after "#### " without thousands separators ("1,234" -> "1234"), or None. Compared
+    as text, as the reference does: "10.0" is not "10"."""
+    match = _ANSWER.search(text)
+    return match.group(1).strip().replace(",", "") if match else None
+
+
+def evaluate(conv: dict, completion: str) -> bool:
+    """Whether the completion's final answer is the reference solution's (its last text part)."""
+    reference = extract_answer(conv["messages"][-1]["content"][-1]["text"])
+    return reference is not None and extract_answer(completion) == reference
 
 
 def conversation(row: dict) -> dict:
