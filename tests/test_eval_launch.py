@@ -184,6 +184,19 @@ def test_base_eval_and_chat_eval_end_to_end(run_dir, capsys):
     assert (record["stage"], record["model"]) == ("chat_eval", "sft")
     assert 0 <= record["metrics"]["ARC-Easy"] <= 1 and 0 <= record["metrics"]["MMLU"] <= 1
     assert record["metrics"]["ChatCORE"].endswith("(partial: 2/5 tasks)")
+    # The test model's context is 64 tokens, shorter than the real problems: two tiny ones of each.
+    data = root / "data"
+    for path, row in (("gsm8k/test.jsonl", {"question": "1+1?", "answer": "<<1+1=2>>2\n#### 2"}),
+                      ("humaneval/HumanEval.jsonl", {"task_id": "t", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+                                                     "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"})):
+        (data / path).parent.mkdir(parents=True)
+        (data / path).write_text(f"{json.dumps(row)}\n" * 2)
+    chat_eval.main(["-i", "sft", "-a", "GSM8K|HumanEval", "--run-dir", str(root), "--data-dir", str(data), "-m", "8"])
+    out = capsys.readouterr().out
+    assert "GSM8K accuracy" in out and "HumanEval accuracy" in out and "ChatCORE metric: PARTIAL" in out
+    record = json.loads((root / "chat_eval" / "sft" / "d2" / "results.json").read_text())
+    assert record["settings"]["GSM8K problems"] == record["settings"]["HumanEval problems"] == 2
+    assert record["settings"]["temperature"] == 0.0 and record["metrics"]["ChatCORE"].endswith("(partial: 2/5 tasks)")
     from nanochat_jax import report
 
     assert {r["stage"] for r in report.eval_results(str(root))} == {"base_eval", "chat_eval"}  # the report card reads them
