@@ -19,6 +19,7 @@ STAGES = {
     "base_eval": ("launch.base_eval", "main", "CORE and bits per byte of a base checkpoint"),
     "mid": ("launch.chat_train", "main_mid", "mid-training: conversations, multiple choice, math, spelling (all tokens)"),
     "sft": ("launch.chat_train", "main_sft", "supervised fine-tuning on conversations (assistant tokens only)"),
+    "rl": ("launch.rl", "main", "reinforcement learning on GSM8K (REINFORCE, rewards from the final answer)"),
     "chat_eval": ("launch.chat_eval", "main", "chat tasks (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval) and ChatCORE of a checkpoint"),
     "report": ("launch.report", "main", "write report.md: system, every stage's settings, time and results, plots"),
     "chat_cli": ("launch.chat_cli", "main", "chat with a trained model in the terminal (-p for one answer)"),

@@ -321,8 +321,9 @@ def _head(x, p, config):
 
 
 def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",
-             chunk_len: int = 0):
-    """Summed token losses and the number of counted targets (-1 = ignored).
+             chunk_len: int = 0, weights_BT=None):
+    """Summed token losses and the number of counted targets (-1 = ignored). With `weights_BT` each
+    counted token's loss is multiplied by its weight (RL: the sample's advantage); the count is unchanged.
 
     With `chunk_len` > 0 the head runs over `chunk_len` positions of every row at a time and is
     recomputed in the backward pass: the float32 logits of the whole batch (8.6 GB at 32 x 2048 x
@@ -331,7 +332,7 @@ def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, at
     p = _cast(params, dtype)
     x_BTD, _, _ = _trunk(p, tokens_BT, config, attention_backend, None)
     if chunk_len <= 0 or chunk_len >= x_BTD.shape[1]:
-        return cross_entropy_sum(_head(x_BTD, p, config), targets_BT)
+        return cross_entropy_sum(_head(x_BTD, p, config), targets_BT, weights_BT)
     B, T, D = x_BTD.shape
     pad = -T % chunk_len
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
@@ -339,22 +340,30 @@ def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, at
     n = (T + pad) // chunk_len
     x_NBcD = x_BTD.reshape(B, n, chunk_len, D).swapaxes(0, 1)
     t_NBc = targets_BT.reshape(B, n, chunk_len).swapaxes(0, 1)
+    xs = (x_NBcD, t_NBc)
+    if weights_BT is not None:
+        w_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+        xs += (w_BT.reshape(B, n, chunk_len).swapaxes(0, 1),)
 
     @jax.checkpoint
     def chunk(carry, xs):
-        total, count = cross_entropy_sum(_head(xs[0], p, config), xs[1])
+        total, count = cross_entropy_sum(_head(xs[0], p, config), xs[1], xs[2] if len(xs) > 2 else None)
         return (carry[0] + total, carry[1] + count), None
 
-    (total, count), _ = jax.lax.scan(chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (x_NBcD, t_NBc))
+    (total, count), _ = jax.lax.scan(chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), xs)
     return total, count
 
 
-def cross_entropy_sum(logits_BTV, targets_BT):
-    """Summed token losses and the number of counted tokens; targets equal to -1 are ignored."""
+def cross_entropy_sum(logits_BTV, targets_BT, weights_BT=None):
+    """Summed token losses and the number of counted tokens; targets equal to -1 are ignored. With
+    `weights_BT` the sum is of weight x loss (the count is still of the counted tokens)."""
     valid = targets_BT != IGNORE_INDEX
     logz = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit = jnp.take_along_axis(logits_BTV, jnp.where(valid, targets_BT, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, logz - target_logit, 0.0)), jnp.sum(valid)
+    losses = logz - target_logit
+    if weights_BT is not None:
+        losses = losses * weights_BT
+    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
 
 
 def loss_fn(params, tokens_BT, targets_BT, config: GPTConfig, **loss_kwargs):

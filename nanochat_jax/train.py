@@ -31,13 +31,15 @@ class StepConfig:
     loss_chunk_len: int = 0  # > 0: the head and loss run chunk by chunk (see model.loss_sum)
 
 
-def _accumulate(params, acc, tokens_BT, targets_BT, count, step_config: StepConfig, grad_shardings):
-    """acc + (this micro-batch's share of the mean loss, its gradients), in float32."""
+def _accumulate(params, acc, tokens_BT, targets_BT, count, weights_BT=None, *, step_config: StepConfig,
+                grad_shardings):
+    """acc + (this micro-batch's share of the mean loss, its gradients), in float32. With `weights_BT`
+    each token's loss is weighted (see model.loss_sum); the mean is still over the counted targets."""
 
     def micro_loss(p):
         total, _ = model.loss_sum(p, tokens_BT, targets_BT, step_config.model, dtype=step_config.dtype,
                                   attention_backend=step_config.attention_backend,
-                                  chunk_len=step_config.loss_chunk_len)
+                                  chunk_len=step_config.loss_chunk_len, weights_BT=weights_BT)
         return total / count
 
     loss, grads = jax.value_and_grad(micro_loss)(params)
@@ -47,33 +49,39 @@ def _accumulate(params, acc, tokens_BT, targets_BT, count, step_config: StepConf
 
 
 def make_loss_and_grads(step_config: StepConfig, mesh):
-    """`fn(params, tokens_MBT, targets_MBT) -> (loss, grads)`: the mean loss over every counted target
-    of the global batch and its float32 gradients, sharded like the parameters."""
+    """`fn(params, tokens_MBT, targets_MBT, weights_MBT=None) -> (loss, grads)`: the mean loss over
+    every counted target of the global batch (each token's loss times its weight, when weights are
+    given: RL's advantages) and its float32 gradients, sharded like the parameters."""
     p_shard = param_shardings(step_config.model, mesh)
     rows = batch_sharding(mesh, ndim=2)
     acc_shard = (replicated(mesh), p_shard)
-    accumulate = jax.jit(functools.partial(_accumulate, step_config=step_config, grad_shardings=p_shard),
-                         in_shardings=(p_shard, acc_shard, rows, rows, replicated(mesh)),
+    fn = functools.partial(_accumulate, step_config=step_config, grad_shardings=p_shard)
+    accumulate = jax.jit(fn, in_shardings=(p_shard, acc_shard, rows, rows, replicated(mesh)),
                          out_shardings=acc_shard, donate_argnums=1)
+    accumulate_weighted = jax.jit(fn, in_shardings=(p_shard, acc_shard, rows, rows, replicated(mesh), rows),
+                                  out_shardings=acc_shard, donate_argnums=1)
     zeros = jax.jit(lambda p: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, p)), out_shardings=acc_shard)
     count = jax.jit(lambda t: jnp.maximum(jnp.sum(t != model.IGNORE_INDEX), 1), out_shardings=replicated(mesh))
 
-    def loss_and_grads(params, tokens_MBT, targets_MBT):
+    def loss_and_grads(params, tokens_MBT, targets_MBT, weights_MBT=None):
         # A Python loop over one compiled micro-step, not a scan inside one program: dispatch is
         # asynchronous, so the device never waits, and the micro-step and the update compile as
         # separate, smaller programs (see docs/perf_notes.md for the measurement).
         n = count(targets_MBT)
         acc = zeros(params)
         for m in range(tokens_MBT.shape[0]):
-            acc = accumulate(params, acc, tokens_MBT[m], targets_MBT[m], n)
+            if weights_MBT is None:
+                acc = accumulate(params, acc, tokens_MBT[m], targets_MBT[m], n)
+            else:
+                acc = accumulate_weighted(params, acc, tokens_MBT[m], targets_MBT[m], n, weights_MBT[m])
         return acc
 
     return loss_and_grads
 
 
 def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransformation, mesh, opt_shardings):
-    """`step(params, opt_state, tokens_MBT, targets_MBT) -> (params, opt_state, loss)`: one optimizer
-    step; params, optimizer state and gradients are donated to the update and come back in place.
+    """`step(params, opt_state, tokens_MBT, targets_MBT, weights_MBT=None) -> (params, opt_state, loss)`:
+    one optimizer step (weights: see `make_loss_and_grads`); params, optimizer state and gradients are donated to the update and come back in place.
 
     `opt_shardings` is the optimizer state's sharding tree (see `init_train_state`), kept fixed
     from step to step so the state never silently becomes replicated.
@@ -88,8 +96,8 @@ def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransforma
     update = jax.jit(apply, in_shardings=(p_shard, opt_shardings, p_shard), out_shardings=(p_shard, opt_shardings),
                      donate_argnums=(0, 1, 2))
 
-    def step(params, opt_state, tokens_MBT, targets_MBT):
-        loss, grads = loss_and_grads(params, tokens_MBT, targets_MBT)
+    def step(params, opt_state, tokens_MBT, targets_MBT, weights_MBT=None):
+        loss, grads = loss_and_grads(params, tokens_MBT, targets_MBT, weights_MBT)
         params, opt_state = update(params, opt_state, grads)
         return params, opt_state, loss
 
