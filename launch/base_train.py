@@ -141,11 +141,7 @@ def run(args):
     mesh = sharding.make_mesh()
     n_devices, n_local = len(jax.devices()), jax.local_device_count()
     rows_per_micro = args.device_batch_size * n_devices
-    tokens_per_micro = rows_per_micro * args.max_seq_len
-    if hp.total_batch_size % tokens_per_micro:
-        raise ValueError(f"--total-batch-size {hp.total_batch_size:,} is not a multiple of one micro-step's "
-                         f"{tokens_per_micro:,} tokens ({args.device_batch_size} rows x {args.max_seq_len} x {n_devices} devices)")
-    micro_steps = hp.total_batch_size // tokens_per_micro
+    micro_steps = loop_lib.micro_steps(hp.total_batch_size, args.device_batch_size, args.max_seq_len, n_devices)
     dtype = compute_dtype()
     step_config = train.StepConfig(model=config, dtype=dtype.name, attention_backend=default_backend())
 

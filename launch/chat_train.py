@@ -183,12 +183,7 @@ def run(stage, args):
     mesh = sharding.make_mesh()
     n_devices, n_local = len(jax.devices()), jax.local_device_count()
     rows_per_micro = args.device_batch_size * n_devices
-    tokens_per_micro = rows_per_micro * args.max_seq_len
-    if args.total_batch_size % tokens_per_micro:
-        raise ValueError(f"--total-batch-size {args.total_batch_size:,} is not a multiple of one micro-step's "
-                         f"{tokens_per_micro:,} tokens ({args.device_batch_size} rows x {args.max_seq_len} x "
-                         f"{n_devices} devices)")
-    micro_steps = args.total_batch_size // tokens_per_micro
+    micro_steps = loop_lib.micro_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, n_devices)
     dtype = compute_dtype()
     step_config = train.StepConfig(model=config, dtype=dtype.name, attention_backend=default_backend())
     flops_per_token = model.flops_per_token(config)
@@ -236,7 +231,7 @@ def run(stage, args):
     micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     eval_sharding = sharding.batch_sharding(mesh)
     token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(mesh))
-    eval_batches_n = max(1, args.eval_tokens // tokens_per_micro)
+    eval_batches_n = max(1, args.eval_tokens // (rows_per_micro * args.max_seq_len))
 
     def val_bpb():
         batches = data.conversation_batches(val_mix, tokenizer, local_rows, args.max_seq_len, supervise=supervise,

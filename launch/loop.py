@@ -99,6 +99,16 @@ def progress_bar(total: int, initial: int, desc: str) -> tqdm:
                 mininterval=0.1 if sys.stderr.isatty() else 30)
 
 
+def micro_steps(total_batch_size: int, device_batch_size: int, seq_len: int, n_devices: int) -> int:
+    """Gradient-accumulation count: how many micro-steps of `device_batch_size` rows of `seq_len`
+    tokens on every device make one optimizer step of `total_batch_size` tokens."""
+    tokens_per_micro = device_batch_size * seq_len * n_devices
+    if total_batch_size % tokens_per_micro:
+        raise ValueError(f"--total-batch-size {total_batch_size:,} is not a multiple of one micro-step's "
+                         f"{tokens_per_micro:,} tokens ({device_batch_size} rows x {seq_len} x {n_devices} devices)")
+    return total_batch_size // tokens_per_micro
+
+
 def next_step_batch(batches, micro_steps: int, micro_sharding):
     """The next optimizer step's batch: `micro_steps` host batches from this process's iterator,
     stacked and assembled into global (micro_steps, rows, T) arrays on the mesh."""
