@@ -140,3 +140,30 @@ def test_chunked_loss_equals_full_loss_and_gradients(chunk_len, live_params):
     assert float(chunked) == pytest.approx(float(full), rel=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(chunked_grads), jax.tree.leaves(full_grads)):
         assert np.linalg.norm(b) > 0 and np.linalg.norm(a - b) < 1e-5 * np.linalg.norm(b), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_softcapped_cross_entropy_matches_autodiff_of_the_plain_formula(dtype, tol, weighted):
+    """The fused loss (custom gradient, no float32 logits kept) against jax's own gradient of the
+    textbook formula: softcap in float32, crop the padded vocabulary, log-softmax, ignore -1."""
+    vocab, padded = 100, 128
+    logits = (20 * jax.random.normal(jax.random.key(0), (3, 7, padded))).astype(dtype)  # some beyond the cap
+    targets = jax.random.randint(jax.random.key(1), (3, 7), 0, vocab).at[0, :3].set(-1).at[2, 6].set(vocab - 1)
+    weights = jax.random.normal(jax.random.key(2), (3, 7)) if weighted else None
+
+    def plain(z):
+        c = model.SOFTCAP * jnp.tanh(z[..., :vocab].astype(jnp.float32) / model.SOFTCAP)
+        valid = targets != -1
+        picked = jnp.take_along_axis(jax.nn.log_softmax(c), jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+        losses = -picked if weights is None else -picked * weights
+        return jnp.sum(jnp.where(valid, losses, 0.0))
+
+    fused = lambda z: model.softcapped_cross_entropy_sum(z, targets, weights, vocab)
+    want, want_grad = jax.value_and_grad(plain)(logits)
+    got, got_grad = jax.jit(jax.value_and_grad(fused))(logits)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert got_grad.dtype == dtype and not np.any(np.asarray(got_grad[..., vocab:], np.float32))
+    want_grad, got_grad = np.asarray(want_grad, np.float32), np.asarray(got_grad, np.float32)
+    assert np.linalg.norm(got_grad - want_grad) <= tol * np.linalg.norm(want_grad)
+    assert not np.any(got_grad[0, :3])  # ignored targets get no gradient
