@@ -9,6 +9,7 @@ patterns (comma-separated) run in one call, each in the same process and on the 
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -16,7 +17,41 @@ PEAK_BF16 = 989e12  # H100/H200 dense bf16, the reference's MFU denominator
 MEASURED_CEILING = 808e12  # bf16 8192^3 matmul measured on the lent H200
 
 
-def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, steps, attention_backend, loss_chunk_len):
+def kernel_table(trace_dir, top=50):
+    """GPU time per kernel of a `jax.profiler` trace (the perfetto file under `trace_dir`): the total
+    per category (matmul, attention, elementwise = XLA's own fusions) and the `top` kernels, in ms."""
+    import collections
+    import glob
+    import gzip
+
+    paths = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in e["args"]["name"]}
+    kernels = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+            kernels[e["name"]] += e.get("dur", 0) / 1e3
+
+    def category(name):
+        if any(k in name for k in ("nvjet", "gemm", "cublas", "cutlass")):
+            return "matmul"
+        if "cudnn" in name or "attention" in name:
+            return "attention"
+        return "memset/copy" if name.startswith(("Memset", "Memcpy")) else "elementwise"
+
+    categories = collections.Counter()
+    for name, ms in kernels.items():
+        categories[category(name)] += ms
+    return {"categories_ms": dict(categories.most_common()), "kernels_ms": dict(kernels.most_common(top))}
+
+
+def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, steps, attention_backend, loss_chunk_len,
+          profile_dir=None):
     import jax
 
     from nanochat_jax import model, optim, sharding, train
@@ -62,6 +97,11 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
         micro_times.append(time.perf_counter() - t0)
     micro_s = statistics.median(micro_times)
     compile_s = first_s - step_s  # the first step compiles the micro-step and the update
+    profile = None
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            params, opt_state, _ = jax.block_until_ready(step_fn(params, opt_state, inputs, targets))
+        profile = kernel_table(profile_dir)
     flops = model.flops_per_token(config) * total_batch_size
     stats = jax.devices()[0].memory_stats() or {}
     return {
@@ -73,7 +113,17 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
         "mfu_989": 100 * flops / step_s / (PEAK_BF16 * len(jax.devices())),
         "mfu_measured_ceiling": 100 * flops / step_s / (MEASURED_CEILING * len(jax.devices())),
         "peak_gb": (stats.get("peak_bytes_in_use") or 0) / 1e9, "compile_s": compile_s, "loss": float(loss),
+        **({"profile": profile} if profile else {}),
     }
+
+
+def print_profile(r, top):
+    """GPU milliseconds of one traced step: per category, then the `top` kernels."""
+    prof = r["profile"]
+    print(f"d{r['depth']} {r['window_pattern']}: GPU time of one step by category (ms): " +
+          ", ".join(f"{k} {v:.1f}" for k, v in prof["categories_ms"].items()))
+    for name, ms in list(prof["kernels_ms"].items())[:top]:
+        print(f"{ms:10.2f}  {name[:120]}")
 
 
 def main(argv=None):
@@ -88,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--attention", default=None, help="attention backend (default: the platform's)")
     parser.add_argument("--loss-chunk-len", type=int, default=None, help="positions per head/loss chunk (0 = whole rows)")
     parser.add_argument("--json", help="also append the JSON lines to this file")
+    parser.add_argument("--profile", metavar="DIR", help="trace one more step into DIR and print GPU time per kernel")
     args = parser.parse_args(argv)
 
     from nanochat_jax.attention import default_backend
@@ -99,10 +150,13 @@ def main(argv=None):
     results = []
     for depth in map(int, args.depth.split(",")):
         for pattern in args.window_pattern.split(","):
+            profile_dir = args.profile and os.path.join(args.profile, f"d{depth}_{pattern}")
             r = bench(depth, pattern, args.device_batch_size, args.total_batch_size, args.max_seq_len,
-                      args.steps, backend, chunk)
+                      args.steps, backend, chunk, profile_dir)
             results.append(r)
-            print(json.dumps(r), flush=True)
+            if "profile" in r:
+                print_profile(r, top=40)
+            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
     header = ("depth", "window", "tok/s", "step ms", "micro ms", "optim ms", "MFU 989", "MFU ceil", "peak GB", "compile s")
     print(" | ".join(header))
     for r in results:

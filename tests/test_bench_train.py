@@ -1,0 +1,35 @@
+"""launch.bench_train: the step benchmark runs end to end, and its profile summary reads a trace."""
+
+import gzip
+import json
+
+import jax
+
+from launch import bench_train
+
+
+def test_kernel_table_sums_gpu_kernels_by_category(tmp_path):
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "name": "nvjet_sm90_tst_128x160", "dur": 3000},
+        {"ph": "X", "pid": 1, "name": "gemm_fusion_dot.4", "dur": 1000},
+        {"ph": "X", "pid": 1, "name": "cudnn_generated_sdpa_flash_bprop", "dur": 2000},
+        {"ph": "X", "pid": 1, "name": "loop_add_fusion", "dur": 500},
+        {"ph": "X", "pid": 1, "name": "loop_add_fusion", "dur": 250},
+        {"ph": "X", "pid": 2, "name": "host_work", "dur": 9000},  # not a GPU kernel
+    ]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    table = bench_train.kernel_table(str(tmp_path), top=2)
+    assert table["categories_ms"] == {"matmul": 4.0, "attention": 2.0, "elementwise": 0.75}
+    assert table["kernels_ms"] == {"nvjet_sm90_tst_128x160": 3.0, "cudnn_generated_sdpa_flash_bprop": 2.0}
+
+
+def test_bench_runs_on_cpu(capsys):
+    bench_train.main(["--depth", "1", "--device-batch-size", "1", "--total-batch-size", str(2 * 64 * jax.device_count()), "--max-seq-len", "64",
+                      "--steps", "1", "--attention", "xla"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["micro_steps"] == 2 and last["tokens_per_s"] > 0 and last["depth"] == 1
