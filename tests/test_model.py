@@ -167,3 +167,30 @@ def test_softcapped_cross_entropy_matches_autodiff_of_the_plain_formula(dtype, t
     want_grad, got_grad = np.asarray(want_grad, np.float32), np.asarray(got_grad, np.float32)
     assert np.linalg.norm(got_grad - want_grad) <= tol * np.linalg.norm(want_grad)
     assert not np.any(got_grad[0, :3])  # ignored targets get no gradient
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rotary_qk_norm_forward_and_gradient(dtype):
+    """The fused rotary + QK-norm: forward bitwise equal to rotating the two halves and normalizing
+    (the reference's order of operations), gradient equal to jax's own gradient of that formula
+    (training positions (T,) and decoding positions (B, T))."""
+    B, T, H, hd = 2, 5, 3, 8
+    x = jax.random.normal(jax.random.key(0), (B, T, H, hd)).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), (B, T, H, hd)).astype(dtype)
+
+    def plain(x, cos, sin):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        cos, sin = cos[..., None, :], sin[..., None, :]
+        rotated = jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+        return model.rms_norm(rotated) * model.QK_SCALE
+
+    for positions in (jnp.arange(T), jnp.arange(B * T).reshape(B, T) + 7):
+        cos, sin = model.rotary_cos_sin(positions, hd, dtype)
+        fused = lambda x: model.rotary_qk_norm(x, *model.rotary_tables(cos, sin))
+        want, want_vjp = jax.vjp(lambda x: plain(x, cos, sin), x)
+        got, got_vjp = jax.vjp(fused, x)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        want_dx = np.asarray(want_vjp(g)[0], np.float32)
+        got_dx = np.asarray(got_vjp(g)[0], np.float32)
+        tol = 1e-6 if dtype == jnp.float32 else 1e-2
+        assert np.linalg.norm(got_dx - want_dx) <= tol * np.linalg.norm(want_dx)
