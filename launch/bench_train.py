@@ -51,7 +51,7 @@ def kernel_table(trace_dir, top=50):
 
 
 def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, steps, attention_backend, loss_chunk_len,
-          profile_dir=None):
+          profile_dir=None, num_devices=None):
     import jax
 
     from nanochat_jax import model, optim, sharding, train
@@ -59,8 +59,9 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
 
     config = config_from_depth(depth, sequence_len=seq_len, window_pattern=window_pattern)
     hp = optim.derive_hyperparameters(depth, sequence_len=seq_len, total_batch_size=total_batch_size)
-    mesh = sharding.make_mesh()
-    rows = device_batch_size * len(jax.devices())
+    devices = jax.devices()[:num_devices]
+    mesh = sharding.make_mesh(devices=devices)
+    rows = device_batch_size * len(devices)
     micro_steps = total_batch_size // (rows * seq_len)
     if micro_steps < 1 or micro_steps * rows * seq_len != total_batch_size:
         raise ValueError(f"total batch {total_batch_size} is not a multiple of {rows} x {seq_len}")
@@ -103,15 +104,15 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
             params, opt_state, _ = jax.block_until_ready(step_fn(params, opt_state, inputs, targets))
         profile = kernel_table(profile_dir)
     flops = model.flops_per_token(config) * total_batch_size
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = devices[0].memory_stats() or {}
     return {
         "depth": depth, "window_pattern": window_pattern, "attention": attention_backend, "loss_chunk_len": loss_chunk_len,
         "device_batch_size": device_batch_size, "seq_len": seq_len, "micro_steps": micro_steps,
-        "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}", "dtype": dtype.name,
-        "tokens_per_s": total_batch_size / step_s, "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
+        "devices": len(devices), "device_kind": devices[0].device_kind, "dtype": dtype.name,
+        "tokens_per_s": total_batch_size / step_s, "tokens_per_s_per_device": total_batch_size / step_s / len(devices), "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
         "micro_step_ms": 1e3 * micro_s, "optimizer_ms_est": 1e3 * (step_s - micro_steps * micro_s),
-        "mfu_989": 100 * flops / step_s / (PEAK_BF16 * len(jax.devices())),
-        "mfu_measured_ceiling": 100 * flops / step_s / (MEASURED_CEILING * len(jax.devices())),
+        "mfu_989": 100 * flops / step_s / (PEAK_BF16 * len(devices)),
+        "mfu_measured_ceiling": 100 * flops / step_s / (MEASURED_CEILING * len(devices)),
         "peak_gb": (stats.get("peak_bytes_in_use") or 0) / 1e9, "compile_s": compile_s, "loss": float(loss),
         **({"profile": profile} if profile else {}),
     }
@@ -138,6 +139,8 @@ def main(argv=None):
     parser.add_argument("--attention", default=None, help="attention backend (default: the platform's)")
     parser.add_argument("--loss-chunk-len", type=int, default=None, help="positions per head/loss chunk (0 = whole rows)")
     parser.add_argument("--json", help="also append the JSON lines to this file")
+    parser.add_argument("--devices", default=None,
+                        help="comma-separated device counts, each run on the first N devices (default: all)")
     parser.add_argument("--profile", metavar="DIR", help="trace one more step into DIR and print GPU time per kernel")
     args = parser.parse_args(argv)
 
@@ -148,19 +151,22 @@ def main(argv=None):
     backend = args.attention or default_backend()
     chunk = StepConfig.loss_chunk_len if args.loss_chunk_len is None else args.loss_chunk_len
     results = []
-    for depth in map(int, args.depth.split(",")):
-        for pattern in args.window_pattern.split(","):
-            profile_dir = args.profile and os.path.join(args.profile, f"d{depth}_{pattern}")
-            r = bench(depth, pattern, args.device_batch_size, args.total_batch_size, args.max_seq_len,
-                      args.steps, backend, chunk, profile_dir)
-            results.append(r)
-            if "profile" in r:
-                print_profile(r, top=40)
-            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
-    header = ("depth", "window", "tok/s", "step ms", "micro ms", "optim ms", "MFU 989", "MFU ceil", "peak GB", "compile s")
+    device_counts = [None] if args.devices is None else [int(n) for n in args.devices.split(",")]
+    runs = [(d, w, n) for d in map(int, args.depth.split(",")) for w in args.window_pattern.split(",") for n in device_counts]
+    for depth, pattern, num_devices in runs:
+        profile_dir = args.profile and os.path.join(args.profile, f"d{depth}_{pattern}_{num_devices or 'all'}")
+        r = bench(depth, pattern, args.device_batch_size, args.total_batch_size, args.max_seq_len,
+                  args.steps, backend, chunk, profile_dir, num_devices)
+        results.append(r)
+        if "profile" in r:
+            print_profile(r, top=40)
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+    header = ("depth", "window", "devices", "tok/s", "tok/s/device", "step ms", "micro ms", "optim ms", "MFU 989",
+              "MFU ceil", "peak GB", "compile s")
     print(" | ".join(header))
     for r in results:
-        print(" | ".join([str(r["depth"]), r["window_pattern"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
+        print(" | ".join([str(r["depth"]), r["window_pattern"], str(r["devices"]), f"{r['tokens_per_s']:,.0f}",
+                          f"{r['tokens_per_s_per_device']:,.0f}", f"{r['step_ms']:.1f}",
                           f"{r['micro_step_ms']:.1f}", f"{r['optimizer_ms_est']:.1f}", f"{r['mfu_989']:.1f}%",
                           f"{r['mfu_measured_ceiling']:.1f}%", f"{r['peak_gb']:.1f}", f"{r['compile_s']:.1f}"]))
     if args.json:

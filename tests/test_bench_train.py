@@ -4,6 +4,7 @@ import gzip
 import json
 
 import jax
+import pytest
 
 from launch import bench_train
 
@@ -28,8 +29,9 @@ def test_kernel_table_sums_gpu_kernels_by_category(tmp_path):
     assert table["kernels_ms"] == {"nvjet_sm90_tst_128x160": 3.0, "cudnn_generated_sdpa_flash_bprop": 2.0}
 
 
-def test_bench_runs_on_cpu(capsys):
+def test_bench_runs_on_cpu_on_all_and_on_fewer_devices(capsys):
     bench_train.main(["--depth", "1", "--device-batch-size", "1", "--total-batch-size", str(2 * 64 * jax.device_count()), "--max-seq-len", "64",
-                      "--steps", "1", "--attention", "xla"])
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["micro_steps"] == 2 and last["tokens_per_s"] > 0 and last["depth"] == 1
+                      "--steps", "1", "--attention", "xla", "--devices", "8,2"])
+    eight, two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (eight["devices"], eight["micro_steps"]) == (8, 2) and (two["devices"], two["micro_steps"]) == (2, 8)
+    assert two["tokens_per_s_per_device"] == pytest.approx(two["tokens_per_s"] / 2) and eight["tokens_per_s"] > 0
