@@ -365,8 +365,11 @@ def _trunk(p, tokens_BT, config, attention_backend, cache):
 
 def _head(x, p, config):
     """Softcapped float32 logits, cropped to the real vocabulary."""
-    logits = linear(x, p["lm_head"])[..., : config.vocab_size].astype(jnp.float32)
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+    return _softcap(linear(x, p["lm_head"])[..., : config.vocab_size])
+
+
+def _softcap(z):
+    return SOFTCAP * jnp.tanh(z.astype(jnp.float32) / SOFTCAP)
 
 
 def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",
@@ -407,10 +410,6 @@ def _head_loss(x_BTD, lm_head, targets_BT, weights_BT, vocab_size):
     """(summed token losses, number of counted targets) of the head on hidden states `x_BTD`."""
     total = softcapped_cross_entropy_sum(linear(x_BTD, lm_head), targets_BT, weights_BT, vocab_size)
     return total, jnp.sum(targets_BT != IGNORE_INDEX)
-
-
-def _softcap(z):
-    return SOFTCAP * jnp.tanh(z.astype(jnp.float32) / SOFTCAP)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
