@@ -159,8 +159,10 @@ def run(args):
 
     local_rows = args.device_batch_size * n_local
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    # Two optimizer steps of micro-batches prepared ahead: with fewer, the background thread stops
+    # while the device computes and the next step waits for its rows to be tokenized.
     train_batches = data.pretrain_batches(tokenizer, local_rows, args.max_seq_len, source=args.data_dir,
-                                          split="train", seed=args.seed, **proc)
+                                          split="train", seed=args.seed, prefetch=2 * micro_steps, **proc)
 
     wall_start = time.perf_counter()
     checkpoints, resume_step = loop_lib.open_checkpoints(os.path.join(out_dir, "checkpoints"), config, keep=args.keep,

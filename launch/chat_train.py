@@ -201,7 +201,7 @@ def run(stage, args):
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
     supervise = STAGES[stage]["supervise"]
     train_batches = data.conversation_batches(train_mix, tokenizer, local_rows, args.max_seq_len,
-                                              supervise=supervise, **proc)
+                                              supervise=supervise, prefetch=2 * micro_steps, **proc)  # see base_train
 
     checkpoints, resume_step = loop_lib.open_checkpoints(os.path.join(out_dir, "checkpoints"), config, keep=args.keep,
                                                          resume=args.resume)

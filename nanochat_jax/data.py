@@ -455,6 +455,8 @@ def pretrain_batches(tokenizer, batch_size: int, seq_len: int, source: str | Non
     Training reshuffles the order of the reading units every epoch (a pure function of `seed` and
     the epoch); validation reads its split in file order, the same batches every time it is built.
     `get_state()`/`set_state()` of the returned iterator save and restore the exact position.
+    A background thread keeps `prefetch` batches ready; a training loop wants at least one
+    optimizer step's worth, or the device waits for tokenization between steps.
     """
     units = grain.MapDataset.source(text_units(source_files(source, split)))
     units = _process_slice(units, process_index, process_count, "reading units (row groups/files)")
