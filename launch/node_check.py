@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 PRESETS = {
     "gpu": {
@@ -65,14 +65,17 @@ def run(log_path: str, args: list[str], env: dict, stop_after: float | None = No
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env, start_new_session=True)
-        start, lines = time.monotonic(), []
+        # A timer, not a check between lines: progress bars write no newline for minutes.
+        timer = threading.Timer(stop_after, proc.send_signal, [signal.SIGTERM]) if stop_after is not None else None
+        if timer:
+            timer.start()
+        lines = []
         for line in proc.stdout:
             log.write(line)
             lines.append(line)
-            if stop_after is not None and time.monotonic() - start > stop_after and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                stop_after = None
         proc.wait()
+        if timer:
+            timer.cancel()
     if check and proc.returncode != 0:
         raise RuntimeError(f"`python -m {' '.join(args)}` failed (exit {proc.returncode}); see {log_path}")
     return "".join(lines)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 from launch import node_check
 
@@ -17,3 +18,11 @@ def test_cpu_preset_passes_numerics_and_elastic_resume(tmp_path, capsys):
     for log in ("mesh_check", "scaling", "base", "resume_one_device"):
         assert os.path.getsize(tmp_path / f"{log}.log") > 0
     assert "elastic resume" in capsys.readouterr().out
+
+
+def test_stop_after_ends_a_silent_process(tmp_path):
+    # A training stage's progress bar writes no newline for minutes: the SIGTERM must not wait for output.
+    start = time.monotonic()
+    node_check.run(str(tmp_path / "log"), ["http.server", "0", "--bind", "127.0.0.1"], node_check.environment("cpu", 1),
+                   stop_after=1.0, check=False)
+    assert time.monotonic() - start < 30
