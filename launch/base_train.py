@@ -101,7 +101,6 @@ def main(argv=None):
 
 def run(args):
     import jax
-    import numpy as np
     from tqdm import tqdm
 
     from nanochat_jax import data, model, optim, sharding, train
@@ -152,10 +151,12 @@ def run(args):
     print(f"iterations: {num_iterations:,} | devices: {n_devices} ({jax.devices()[0].device_kind}) | "
           f"micro-steps per step: {micro_steps} of {rows_per_micro} x {args.max_seq_len} | compute dtype: {dtype.name}")
 
-    optimizer = optim.build_optimizer(hp.groups(), optim.param_labels, ortho_dtype=dtype)
+    # The schedules run inside the compiled update, from the optimizer's own step count (saved with
+    # it, so a resumed run continues them): nothing to compute or transfer on the host per step.
+    schedules = hp.schedules()
+    optimizer = optim.build_optimizer(hp.groups(), optim.param_labels, ortho_dtype=dtype, **schedules)
     params, opt_state, opt_shardings = train.init_train_state(step_config, optimizer, mesh, jax.random.key(args.seed))
     step_fn = train.make_train_step(step_config, optimizer, mesh, opt_shardings)
-    schedules = hp.schedules()
 
     local_rows = args.device_batch_size * n_local
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -220,8 +221,6 @@ def run(args):
                         tqdm.write(f"  {prompt!r} -> {text!r}")
                 if last:
                     break
-                for name, fn in schedules.items():
-                    opt_state.hyperparams[name] = np.float32(fn(step))
                 batch = loop_lib.next_step_batch(train_batches, micro_steps, micro_sharding)
                 params, opt_state = loop_lib.timed_step(
                     step_fn, params, opt_state, batch, step=step, start_step=start_step, loop=loop,

@@ -278,9 +278,8 @@ def run(stage, args):
                 progress = step / args.num_iterations if args.num_iterations > 0 else epoch_done()[1]
                 loop["progress"] = max(loop["progress"], progress)
                 lrm = lr_multiplier(loop["progress"], args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-                opt_state.hyperparams["lr_multiplier"] = np.float32(args.init_lr_frac * lrm)
-                opt_state.hyperparams["muon_momentum"] = np.float32(muon_momentum(step))
-                opt_state.hyperparams["muon_wd_multiplier"] = np.float32(1.0)
+                loop_lib.set_hyperparameters(opt_state, lr_multiplier=args.init_lr_frac * lrm,
+                                             muon_momentum=muon_momentum(step), muon_wd_multiplier=1.0)
                 params, opt_state = loop_lib.timed_step(
                     step_fn, params, opt_state, (tokens, targets), step=step, start_step=start_step, loop=loop,
                     tokens=args.total_batch_size, flops_per_token=flops_per_token, peak=peak, n_devices=n_devices,

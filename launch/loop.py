@@ -120,6 +120,15 @@ def next_step_batch(batches, micro_steps: int, micro_sharding):
     return tuple(sharding.global_batch(np.stack([r[i] for r in rows]), micro_sharding) for i in (0, 1))
 
 
+def set_hyperparameters(opt_state, **values) -> None:
+    """Host-computed values (schedules that depend on more than the step count) for the next
+    update, written into the optimizer's injected hyperparameters."""
+    import numpy as np
+
+    for name, value in values.items():
+        opt_state.hyperparams[name] = np.float32(value)
+
+
 def timed_step(step_fn, params, opt_state, batch, *, step: int, start_step: int, loop: dict, tokens: int,
                flops_per_token: int, peak: float | None, n_devices: int, log: MetricsLog, bar: tqdm, **extra):
     """Runs one optimizer step and accounts for it: wall time (the first step of a process includes

@@ -233,9 +233,8 @@ def run(args):
                     break
                 batch, reward, seq_len, sampled = rollouts(step)
                 lrm = 1.0 - step / num_steps
-                opt_state.hyperparams["lr_multiplier"] = np.float32(args.init_lr_frac * lrm)
-                opt_state.hyperparams["muon_momentum"] = np.float32(0.95)
-                opt_state.hyperparams["muon_wd_multiplier"] = np.float32(1.0)
+                loop_lib.set_hyperparameters(opt_state, lr_multiplier=args.init_lr_frac * lrm, muon_momentum=0.95,
+                                             muon_wd_multiplier=1.0)
                 params, opt_state = loop_lib.timed_step(
                     step_fn, params, opt_state, batch, step=step, start_step=start_step, loop=loop,
                     tokens=batch[0].size, flops_per_token=flops_per_token, peak=peak, n_devices=n_devices,
