@@ -142,33 +142,30 @@ def main():
         (2, 640, 12, 3, 128, 100, jnp.float32, 1e-4),
     ]
     seed = int(time.time())
-    for i, (B, T, H, K, D, window, dtype, tol) in enumerate(checks):
+
+    def run_check(kernel, label, shape, window, dtype, tol, check):
+        """One correctness check: printed, recorded in the report; True when every error is under `tol`."""
         try:
-            errs = check_flash(B, T, H, K, D, window, dtype, None, seed + i)
+            errs = check()
         except Exception:
             traceback.print_exc()
             errs = {"error": float("inf")}
         ok = all(e < tol for e in errs.values())
-        failed |= not ok
-        print(f"check flash B{B} T{T} H{H}/{K} D{D} w={window} {jnp.dtype(dtype).name}: "
+        print(f"check {kernel} {label} w={window} {jnp.dtype(dtype).name}: "
               + " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + ("" if ok else "  FAIL"), flush=True)
-        report["checks"].append({"kernel": "flash", "shape": [B, T, H, K, D], "window": window,
+        report["checks"].append({"kernel": kernel, "shape": shape, "window": window,
                                  "dtype": jnp.dtype(dtype).name, "errors": errs, "ok": ok})
+        return ok
+
+    for i, (B, T, H, K, D, window, dtype, tol) in enumerate(checks):
+        failed |= not run_check("flash", f"B{B} T{T} H{H}/{K} D{D}", [B, T, H, K, D], window, dtype, tol,
+                                lambda: check_flash(B, T, H, K, D, window, dtype, None, seed + i))
     for i, (B, S, T, H, K, window, dtype) in enumerate([(4, 1024, 1, 8, 2, None, jnp.bfloat16),
                                                         (3, 2048, 3, 10, 10, 512, jnp.bfloat16),
                                                         (2, 512, 2, 4, 1, 100, jnp.float32)]):
-        try:
-            errs = check_decode(B, S, T, H, K, 128, window, dtype, seed + 100 + i)
-        except Exception:
-            traceback.print_exc()
-            errs = {"error": float("inf")}
         tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-        ok = all(e < tol for e in errs.values())
-        failed |= not ok
-        print(f"check decode B{B} S{S} T{T} H{H}/{K} w={window} {jnp.dtype(dtype).name}: "
-              + " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + ("" if ok else "  FAIL"), flush=True)
-        report["checks"].append({"kernel": "decode", "shape": [B, S, T, H, K], "window": window,
-                                 "dtype": jnp.dtype(dtype).name, "errors": errs, "ok": ok})
+        failed |= not run_check("decode", f"B{B} S{S} T{T} H{H}/{K}", [B, S, T, H, K], window, dtype, tol,
+                                lambda: check_decode(B, S, T, H, K, 128, window, dtype, seed + 100 + i))
     save()
     if args.checks_only:
         sys.exit(1 if failed else 0)
