@@ -1,4 +1,5 @@
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -194,3 +195,28 @@ def test_rotary_qk_norm_forward_and_gradient(dtype):
         got_dx = np.asarray(got_vjp(g)[0], np.float32)
         tol = 1e-6 if dtype == jnp.float32 else 1e-2
         assert np.linalg.norm(got_dx - want_dx) <= tol * np.linalg.norm(want_dx)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 4e-3)])
+def test_relu_squared_gradient_from_its_output(dtype, tol):
+    """relu² with its derivative taken from the output (2 sqrt(a)) against jax's gradient of the
+    plain formula, with negative, zero and positive inputs; in bfloat16 the two may differ by the
+    rounding of the stored output, well under one bfloat16 step of the result."""
+    h = (3 * jax.random.normal(jax.random.key(0), (4, 64))).astype(dtype).at[0, :4].set(0)
+    g = jax.random.normal(jax.random.key(1), (4, 64)).astype(dtype)
+    want, want_vjp = jax.vjp(lambda h: jnp.square(jax.nn.relu(h)), h)
+    got, got_vjp = jax.vjp(jax.jit(model.relu_squared), h)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    want_dh, got_dh = np.asarray(want_vjp(g)[0], np.float32), np.asarray(got_vjp(g)[0], np.float32)
+    assert got_vjp(g)[0].dtype == dtype and not np.any(got_dh[h < 0]) and not np.any(got_dh[0, :4])
+    assert np.linalg.norm(got_dh - want_dh) <= tol * np.linalg.norm(want_dh)
+
+
+def test_loss_gradient_recomputes_the_softcap_instead_of_storing_it():
+    """The fused loss's backward pass recomputes tanh from the compute-dtype logits: compiled, the
+    gradient holds two tanh over the whole (B, T, V) logits, not one whose float32 result the
+    forward pass would store for the backward (8.6 GB per micro-step at d20)."""
+    logits, targets = jnp.zeros((4, 64, 256), jnp.bfloat16), jnp.zeros((4, 64), jnp.int32)
+    grad = jax.jit(jax.grad(lambda z: model.softcapped_cross_entropy_sum(z, targets, None, 250)))
+    hlo = grad.lower(logits).compile().as_text()
+    assert len(re.findall(r"= f32\[4,64,250\]\{[0-9,]*\} tanh\(", hlo)) == 2
