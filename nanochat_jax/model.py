@@ -294,7 +294,8 @@ def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention
     B, T = tokens_BT.shape
     if cache is not None:
         num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
-    x, x_embed, cache_kv = _trunk(p, tokens_BT, config, attention_backend, cache)
+    rows = embedding_rows(params, tokens_BT, config, dtype)
+    x, x_embed, cache_kv = _trunk(p, rows, config, attention_backend, cache)
     if cache is not None:
         last_B = jnp.clip(num_new_B - 1, 0, T - 1)
         if last_only:
@@ -310,13 +311,40 @@ def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention
 EMBEDDING_TABLES = ("wte", "value_embeds")
 
 
+def _dtype(dtype):
+    return compute_dtype() if dtype is None else jnp.dtype(dtype)
+
+
 def _cast(params, dtype):
-    """Every weight in the compute dtype except the embedding tables: only the looked-up rows are
-    cast (in `_trunk`), so the whole tables are never copied and their gradients are scattered
-    straight into float32 (casting them here cost a copy of 11 tables and a bfloat16 scatter-add
-    per micro-step at d20). Master weights stay float32 outside."""
-    dtype = compute_dtype() if dtype is None else jnp.dtype(dtype)
-    return {k: v if k in EMBEDDING_TABLES else jax.tree.map(lambda w: w.astype(dtype), v) for k, v in params.items()}
+    """Every weight in the compute dtype, without the embedding tables: only the looked-up rows are
+    cast (`embedding_rows`), so the whole tables are never copied (casting them here cost a copy of
+    11 tables per micro-step at d20). Master weights stay float32 outside."""
+    dtype = _dtype(dtype)
+    return {k: jax.tree.map(lambda w: w.astype(dtype), v) for k, v in params.items() if k not in EMBEDDING_TABLES}
+
+
+def embedding_rows(params, tokens_BT, config: GPTConfig, dtype=None):
+    """What the tokens look up in the embedding tables, in the compute dtype: {"wte": (B, T, D),
+    "value_embeds": one (B, T, D_kv) array per value-embedding layer}. The trunk sees only these
+    rows, so training can differentiate with respect to them and scatter-add their gradients into
+    its accumulated table gradients itself (`add_row_gradients`): autodiff through the lookup
+    would scatter them into zero-filled full-size tables first and then add those (three 1.7 GB
+    buffers and their sums per micro-step at d20)."""
+    dtype = _dtype(dtype)
+    ve = [_value_embedding(params["value_embeds"], i, tokens_BT) for i in range(len(config.value_embedding_layers))]
+    return {"wte": params["wte"][tokens_BT].astype(dtype), "value_embeds": [r.astype(dtype) for r in ve]}
+
+
+def add_row_gradients(tables, row_grads, tokens_BT):
+    """`tables` ({"wte", "value_embeds"}, float32) plus the gradients of the rows `embedding_rows`
+    looked up for `tokens_BT`, scatter-added where they came from: in place when `tables` is
+    donated (the training step's accumulator)."""
+    n, V, K = tables["value_embeds"].shape
+    ve = tables["value_embeds"].reshape(n * V, K)
+    for i, g in enumerate(row_grads["value_embeds"]):
+        ve = ve.at[i * V + tokens_BT].add(g.astype(ve.dtype))
+    wte = tables["wte"].at[tokens_BT].add(row_grads["wte"].astype(tables["wte"].dtype))
+    return {"wte": wte, "value_embeds": ve.reshape(n, V, K)}
 
 
 def _unstack(p):
@@ -331,18 +359,18 @@ def _unstack(p):
 
 def _value_embedding(tables, index, tokens_BT):
     """Rows of table `index` of the stacked value-embedding tables, gathered from the stack seen as
-    one long table: the gradients of all value-embedding layers are scattered into one buffer,
-    with no per-table slice copied forward or concatenated backward."""
+    one long table (no per-table slice is copied)."""
     n, V, K = tables.shape
     return tables.reshape(n * V, K)[index * V + tokens_BT]
 
 
-def _trunk(p, tokens_BT, config, attention_backend, cache):
+def _trunk(p, rows, config, attention_backend, cache):
     """The final normalized hidden states (B, T, D), the normalized embeddings (smear's input for
-    the next decode step) and the updated per-layer keys/values (None without a cache)."""
+    the next decode step) and the updated per-layer keys/values (None without a cache), from the
+    tokens' `embedding_rows`."""
     p = _unstack(p)
     dtype = p["lm_head"].dtype
-    B, T = tokens_BT.shape
+    B, T, _ = rows["wte"].shape
     if cache is None:
         positions = jnp.arange(T)  # (T,): every row starts at 0
         prev_x_BD = jnp.zeros((B, config.n_embd), dtype)
@@ -351,7 +379,7 @@ def _trunk(p, tokens_BT, config, attention_backend, cache):
         prev_x_BD = cache.prev_x_BD.astype(dtype)
     rotary = rotary_tables(*rotary_cos_sin(positions, config.head_dim, dtype))
 
-    x = rms_norm(p["wte"][tokens_BT].astype(dtype))
+    x = rms_norm(rows["wte"])
     # Smear: each position takes in a gated share of the previous token's embedding; the first
     # token of a sequence has none (in training that is t = 0, when decoding a row's slot 0).
     x_prev_BTD = jnp.concatenate([prev_x_BD[:, None], x[:, :-1]], axis=1)
@@ -367,7 +395,7 @@ def _trunk(p, tokens_BT, config, attention_backend, cache):
         x = p["resid_lambdas"][layer] * x + p["x0_lambdas"][layer] * x0
         ve = None
         if layer in config.value_embedding_layers:
-            ve = _value_embedding(p["value_embeds"], config.value_embedding_layers.index(layer), tokens_BT).astype(dtype)
+            ve = rows["value_embeds"][config.value_embedding_layers.index(layer)]
         y, cache_kv = _attention_block(rms_norm(x), layer, ve, rotary, p, config, window, attention_backend,
                                        cache_kv, positions)
         x = x + y
@@ -387,16 +415,19 @@ def _softcap(z):
 
 
 def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",
-             chunk_len: int = 0, weights_BT=None):
+             chunk_len: int = 0, weights_BT=None, rows=None):
     """Summed token losses and the number of counted targets (-1 = ignored). With `weights_BT` each
     counted token's loss is multiplied by its weight (RL: the sample's advantage); the count is unchanged.
+    `rows`: the tokens' `embedding_rows`, when the caller looked them up (then `params` needs no
+    embedding tables).
 
     With `chunk_len` > 0 the head runs over `chunk_len` positions of every row at a time and is
     recomputed in the backward pass: the logits of the whole batch (4.3 GB in bf16 at 32 x 2048 x
     32768) never exist, only one chunk's. Rows stay whole, so a batch sharded by rows stays so.
     """
     p = _cast(params, dtype)
-    x_BTD, _, _ = _trunk(p, tokens_BT, config, attention_backend, None)
+    rows = embedding_rows(params, tokens_BT, config, dtype) if rows is None else rows
+    x_BTD, _, _ = _trunk(p, rows, config, attention_backend, None)
     if chunk_len <= 0 or chunk_len >= x_BTD.shape[1]:
         return _head_loss(x_BTD, p["lm_head"], targets_BT, weights_BT, config.vocab_size)
     B, T, D = x_BTD.shape

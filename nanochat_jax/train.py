@@ -34,18 +34,27 @@ class StepConfig:
 def _accumulate(params, acc, tokens_BT, targets_BT, count, weights_BT=None, *, step_config: StepConfig,
                 grad_shardings):
     """acc + (this micro-batch's share of the mean loss, its gradients), in float32. With `weights_BT`
-    each token's loss is weighted (see model.loss_sum); the mean is still over the counted targets."""
+    each token's loss is weighted (see model.loss_sum); the mean is still over the counted targets.
 
-    def micro_loss(p):
-        total, _ = model.loss_sum(p, tokens_BT, targets_BT, step_config.model, dtype=step_config.dtype,
+    The embedding tables are differentiated through the rows the tokens look up: those rows'
+    gradients are scatter-added into the accumulator in place (see `model.embedding_rows`)."""
+    config = step_config.model
+    tables = {k: params[k] for k in model.EMBEDDING_TABLES}
+    rest = {k: v for k, v in params.items() if k not in tables}
+    rows = model.embedding_rows(tables, tokens_BT, config, step_config.dtype)
+
+    def micro_loss(rest, rows):
+        total, _ = model.loss_sum(rest, tokens_BT, targets_BT, config, dtype=step_config.dtype,
                                   attention_backend=step_config.attention_backend,
-                                  chunk_len=step_config.loss_chunk_len, weights_BT=weights_BT)
+                                  chunk_len=step_config.loss_chunk_len, weights_BT=weights_BT, rows=rows)
         return total / count
 
-    loss, grads = jax.value_and_grad(micro_loss)(params)
+    loss, (rest_grads, row_grads) = jax.value_and_grad(micro_loss, argnums=(0, 1))(rest, rows)
     acc_loss, acc_grads = acc
+    acc_grads = {**jax.tree.map(jnp.add, {k: acc_grads[k] for k in rest}, rest_grads),
+                 **model.add_row_gradients({k: acc_grads[k] for k in tables}, row_grads, tokens_BT)}
     # Each device keeps only its shard of the sum: the reduce-scatter of ZeRO/FSDP.
-    return acc_loss + loss, jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc_grads, grads), grad_shardings)
+    return acc_loss + loss, jax.lax.with_sharding_constraint(acc_grads, grad_shardings)
 
 
 def make_loss_and_grads(step_config: StepConfig, mesh):

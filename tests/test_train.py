@@ -61,6 +61,15 @@ def test_loss_is_mean_over_counted_targets(params, batch, single_device):
     assert single_device[0] == pytest.approx(float(expected), rel=1e-6)
 
 
+def test_gradients_equal_autodiff_through_the_lookup(params, batch, single_device):
+    """The step differentiates the embedding tables through their looked-up rows and scatter-adds
+    those gradients itself (repeated tokens included: 6,144 tokens from a 500-token vocabulary):
+    every gradient equals jax's own gradient of the loss with respect to the parameters."""
+    inputs, targets = batch
+    want = jax.tree.map(np.asarray, jax.grad(model.loss_fn)(params, inputs, targets, CONFIG))
+    assert_same(single_device, (single_device[0], want, None))
+
+
 @pytest.mark.parametrize("model_axis", [1, 2], ids=["8x1", "4x2"])
 def test_eight_devices_equal_one(params, batch, single_device, model_axis):
     assert len(jax.devices()) == 8
