@@ -180,7 +180,8 @@ def rotary_qk_norm(x_BTHD, C, S):
 def _rotary_kernel_applies(x_BTHD, C):
     """On a GPU, with one table row per position 0 ... T-1 (training, evaluation, prefill; not
     decoding rows at their own positions), rotary + QK-norm runs as the one-pass Pallas kernels
-    of `kernels/rotary.py` (d20: about 60 ms of a 3.2 s step saved)."""
+    of `kernels/rotary.py` (measured: d20 training +1.2% tokens/s, d12 +1.5%). Interpreted only
+    where a test switches them on off a GPU."""
     D = x_BTHD.shape[-1]
     return jax.default_backend() == "gpu" and C.ndim == 2 and D & (D - 1) == 0
 
