@@ -18,21 +18,17 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def live_params():
-    """`make(config, seed)`: initialised parameters with every path of the network live. The
+    """`make(config)`: initialised parameters with every path of the network live (numpy). The
     reference init zeroes the output projections and the smear gain, which leaves most gradients
-    exactly zero (and a few at rounding level), so comparisons of gradients would prove little."""
+    exactly zero (and a few at rounding level), so comparisons of gradients would prove little;
+    `launch.mesh_check.live_weights` makes them live, as the node check does."""
     import jax
     import numpy as np
 
+    from launch.mesh_check import live_weights
     from nanochat_jax import model
 
-    def make(config, seed=0):
-        p = model.init_params(config, jax.random.key(seed))
-        keys = iter(jax.random.split(jax.random.key(seed + 1), 3))
-        for name in ("attn_proj", "mlp_proj"):
-            p["blocks"][name] = 0.05 * jax.random.normal(next(keys), p["blocks"][name].shape)
-        p["lm_head"] = 0.05 * jax.random.normal(next(keys), p["lm_head"].shape)
-        p["smear_lambda"] = p["smear_lambda"] + 0.5
-        return jax.tree.map(np.asarray, p)
+    def make(config):
+        return jax.tree.map(np.asarray, live_weights(model.init_params(config, jax.random.key(0))))
 
     return make
