@@ -84,8 +84,8 @@ class Band:
         return Band(self.right, self.left, self.seq_len)
 
     def visible(self, rows, cols):
-        """Mask (len(rows), len(cols)): row position sees column position."""
-        rows, cols = rows[:, None], cols[None, :]
+        """Where row position sees column position; rows and cols broadcast against each
+        other (a column and a row vector, or two full grids of positions)."""
         return ((cols >= rows - self.left) & (cols <= rows + self.right)
                 & (rows < self.seq_len) & (cols < self.seq_len))
 
@@ -128,7 +128,7 @@ def _scores(q, k, rows, cols, band, c, masked):
     base-2 logits as s * c - shift in one fused multiply-add; the mask value is chosen so that
     it stays finite after the multiply by c."""
     s = _dot(q, k, trans_b=True)
-    return jnp.where(band.visible(rows, cols), s, MASK_VALUE / max(c, 1.0)) if masked else s
+    return jnp.where(band.visible(rows[:, None], cols[None, :]), s, MASK_VALUE / max(c, 1.0)) if masked else s
 
 
 # ---------------------------------------------------------------------------------------------
