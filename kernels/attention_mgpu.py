@@ -47,11 +47,15 @@ _COL = getattr(plgpu.Layout, "WGMMA_COL", None) or plgpu.Layout.WGMMA.reduce(0)
 
 @dataclasses.dataclass(frozen=True)
 class MgpuBlocks:
-    """block_k: the key rows per forward and dq step; block_q: the query rows per dk/dv step;
-    stages: streamed blocks in flight."""
-    block_k: int = 128
-    block_q: int = 64
-    stages: int = 2
+    """Per kernel, the rows of each streamed block (keys for the forward and dq, queries for
+    dk/dv) and how many blocks are in flight. Defaults: the fastest at the d20 shape on the
+    H200 (kernels/README.md); shared memory (227 KB) bounds rows x stages."""
+    fwd_k: int = 128
+    fwd_stages: int = 2
+    dq_k: int = 64
+    dq_stages: int = 3
+    dkv_q: int = 64
+    dkv_stages: int = 3
 
 
 TILE = 128  # T is padded to a multiple of this (a program's 2 x 64 rows; a 128-row block)
@@ -141,7 +145,7 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
     base-2 log-sum-exp (B, H, Tp) of the logits scale * log2(e) * q.k."""
     B, Tp, H, D = q.shape
     G = H // k.shape[2]
-    bk, stages, dtype = blocks.block_k, blocks.stages, q.dtype
+    bk, stages, dtype = blocks.fwd_k, blocks.fwd_stages, q.dtype
     c = scale * LOG2E
     masked_score = MASK_VALUE / max(c, 1.0)  # stays finite after the multiply by c
     pairs = Tp // (COMPUTE_WGS * ROWS)
@@ -247,16 +251,17 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
 # backward
 
 
-def _dq(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
+def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
+    """dq, and delta = rowsum(o * do) (B, H, Tp) for the dk/dv kernel, computed on the way."""
     B, Tp, H, D = q.shape
     G = H // k.shape[2]
-    bk, stages, dtype = blocks.block_k, blocks.stages, q.dtype
+    bk, stages, dtype = blocks.dq_k, blocks.dq_stages, q.dtype
     c = scale * LOG2E
     masked_score = MASK_VALUE / max(c, 1.0)
     pairs = Tp // (COMPUTE_WGS * ROWS)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-             q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+    def body(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref,
+             q_smem2, o_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
              q_ready, k_ready, v_ready, k_free, v_free):
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         pair = pairs - 1 - lax.axis_index("pair")
@@ -267,15 +272,20 @@ def _dq(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
             plgpu.set_max_registers(232, action="increase")
             block = pair * COMPUTE_WGS + wg
             row0 = block * ROWS
-            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            q_smem, o_smem, do_smem = q_smem2.at[wg], o_smem2.at[wg], do_smem2.at[wg]
             rows = (b, pl.ds(row0, ROWS), h)
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_ready.at[wg])
+            plgpu.copy_gmem_to_smem(o_ref.at[rows], o_smem, q_ready.at[wg])
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_ready.at[wg])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, ROWS)], lse_smem2.at[wg], q_ready.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, ROWS)], delta_smem2.at[wg], q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
             lse = plgpu.load(lse_smem2.at[wg], (), layout=_ROW)
-            delta = plgpu.load(delta_smem2.at[wg], (), layout=_ROW)
+            o_ = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            do_ = plgpu.load(do_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            delta = (o_ * do_).sum(axis=1)
+            delta_smem2.at[wg][...] = delta
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(delta_smem2.at[wg], delta_ref.at[b, h, pl.ds(row0, ROWS)])
 
             def skip(n):
                 slot = lax.rem(n, stages)
@@ -330,18 +340,19 @@ def _dq(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
 
     own = plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=_transforms(dtype))
     rows_f32 = plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32)
-    scratch = (own, own, rows_f32, rows_f32, _ring(stages, dtype, bk, D), _ring(stages, dtype, bk, D),
-               _ready(COMPUTE_WGS, copies=4), _ready(stages), _ready(stages), _free(stages),
-               _free(stages))
-    return _kernel_call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, (H, pairs, B),
-                        ("heads", "pair", "batch"))(q, k, v, do, lse, delta)
+    scratch = (own, own, own, rows_f32, rows_f32, _ring(stages, dtype, bk, D),
+               _ring(stages, dtype, bk, D), _ready(COMPUTE_WGS, copies=4), _ready(stages),
+               _ready(stages), _free(stages), _free(stages))
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32))
+    return _kernel_call(body, out_type, scratch, (H, pairs, B), ("heads", "pair", "batch"))(
+        q, k, v, o, do, lse)
 
 
 def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
     B, Tp, H, D = q.shape
     K = k.shape[2]
     G = H // K
-    bq, stages, dtype = blocks.block_q, blocks.stages, q.dtype
+    bq, stages, dtype = blocks.dkv_q, blocks.dkv_stages, q.dtype
     c = scale * LOG2E
     masked_score = MASK_VALUE / max(c, 1.0)
     pairs = Tp // (COMPUTE_WGS * ROWS)
@@ -463,16 +474,10 @@ def _flash_fwd(q, k, v, band, scale, blocks):
 def _flash_bwd(band, scale, blocks, residuals, do):
     q, k, v, o, lse = residuals
     T, Tp = q.shape[1], lse.shape[2]
-    # delta_t = sum_d o * do: the softmax-gradient term of each row, cheap enough for XLA.
-    delta = _pad_rows(jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32)), Tp)
-    q, k, v, do = (_pad(x, Tp) for x in (q, k, v, do))
-    dq = _dq(q, k, v, do, lse, delta, band, scale, blocks)
+    q, k, v, o, do = (_pad(x, Tp) for x in (q, k, v, o, do))
+    dq, delta = _dq(q, k, v, o, do, lse, band, scale, blocks)
     dk, dv = _dkv(q, k, v, do, lse, delta, band, scale, blocks)
     return dq[:, :T], dk[:, :T], dv[:, :T]
-
-
-def _pad_rows(x, Tp):
-    return x if x.shape[2] == Tp else jnp.pad(x, ((0, 0), (0, 0), (0, Tp - x.shape[2])))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
