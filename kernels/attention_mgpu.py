@@ -483,6 +483,14 @@ def _flash_bwd(band, scale, blocks, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def supported(q) -> bool:
+    """Whether these kernels run for queries like q here: a Hopper GPU (compute capability 9.x),
+    bf16 or fp16, head_dim 64 or 128."""
+    device = jax.devices()[0]
+    return (device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9")
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128))
+
+
 def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
                     sm_scale: float | None = None, blocks: MgpuBlocks = MgpuBlocks()):
     """`kernels.attention.flash_attention` on Hopper's Mosaic GPU lowering: the same band and

@@ -1,5 +1,9 @@
 """Attention kernels on the GPU: correctness against the `xla` oracle, then speed.
 
+Backends timed: pallas (the model's `pallas` backend: the Mosaic GPU kernels on Hopper,
+kernels/attention_mgpu.py), triton (the portable Triton-style kernels, kernels/attention.py),
+cudnn and xla.
+
     python -m kernels.bench --json out.json            # checks, a small tile sweep, the table
     python -m kernels.bench --quick                    # d20, T=2048 only
 
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import attention_mgpu
 from kernels.attention import Blocks, decode_attention, flash_attention
 from nanochat_jax.attention import attention, attention_cached
 
@@ -41,14 +46,14 @@ def oracle(q, k, v, window):
         return attention(*f32, window=window, backend="xla")
 
 
-def check_flash(B, T, H, K, D, window, dtype, blocks, seed):
+def check_flash(B, T, H, K, D, window, dtype, seed, flash=flash_attention):
     keys = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(keys[0], (B, T, H, D), dtype)
     k = jax.random.normal(keys[1], (B, T, K, D), dtype)
     v = jax.random.normal(keys[2], (B, T, K, D), dtype)
     dy = jax.random.normal(keys[3], (B, T, H, D), dtype)
-    kern = jax.jit(lambda *a: jax.vjp(functools.partial(flash_attention, window=window, blocks=blocks), *a[:3])[1](a[3]))
-    got = (jax.jit(functools.partial(flash_attention, window=window, blocks=blocks))(q, k, v), *kern(q, k, v, dy))
+    f = functools.partial(flash, window=window)
+    got = (jax.jit(f)(q, k, v), *jax.jit(lambda *a: jax.vjp(f, *a[:3])[1](a[3]))(q, k, v, dy))
     want_out, vjp = jax.vjp(lambda *a: oracle(*a, window), q, k, v)
     want = (want_out, *vjp(dy.astype(jnp.float32)))
     return {n: rel_err(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
@@ -86,7 +91,7 @@ def visible_pairs(T, window):
 
 
 def attn_fns(backend, window, blocks):
-    if backend == "pallas":
+    if backend == "triton":
         f = functools.partial(flash_attention, window=window, blocks=blocks)
     else:
         f = functools.partial(attention, window=window, backend=backend)
@@ -107,7 +112,7 @@ def sweep(blocks_list, mode, B, T, H, D, window):
     results = []
     for blocks in blocks_list:
         try:
-            fwd, fwd_bwd = attn_fns("pallas", window, blocks)
+            fwd, fwd_bwd = attn_fns("triton", window, blocks)
             ms = time_ms(fwd, q, k, v) if mode == "fwd" else time_ms(fwd_bwd, q, k, v, dy)
         except Exception as e:  # a tile that does not fit (shared memory, registers) is skipped
             print(f"  {blocks}: failed: {type(e).__name__}: {str(e)[:200]}")
@@ -121,6 +126,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--quick", action="store_true", help="only d20 at T=2048")
+    ap.add_argument("--shapes", default="d20,d12,d26", help="model shapes of the table, e.g. d20,d12")
     ap.add_argument("--no-sweep", action="store_true", help="use the default tiles")
     ap.add_argument("--checks-only", action="store_true", help="correctness checks, no timing")
     args = ap.parse_args()
@@ -159,7 +165,11 @@ def main():
 
     for i, (B, T, H, K, D, window, dtype, tol) in enumerate(checks):
         failed |= not run_check("flash", f"B{B} T{T} H{H}/{K} D{D}", [B, T, H, K, D], window, dtype, tol,
-                                lambda: check_flash(B, T, H, K, D, window, dtype, None, seed + i))
+                                lambda: check_flash(B, T, H, K, D, window, dtype, seed + i))
+        if jnp.dtype(dtype).itemsize == 2 and attention_mgpu.supported(jnp.zeros((1, 1, 1, D), dtype)):
+            failed |= not run_check("flash_mgpu", f"B{B} T{T} H{H}/{K} D{D}", [B, T, H, K, D], window, dtype,
+                                    tol, lambda: check_flash(B, T, H, K, D, window, dtype, seed + 50 + i,
+                                                             attention_mgpu.flash_attention))
     for i, (B, S, T, H, K, window, dtype) in enumerate([(4, 1024, 1, 8, 2, None, jnp.bfloat16),
                                                         (3, 2048, 3, 10, 10, 512, jnp.bfloat16),
                                                         (2, 512, 2, 4, 1, 100, jnp.float32)]):
@@ -187,7 +197,7 @@ def main():
     # ---- the table
     B, D = 16, 128
     rows = []
-    names = ["d20"] if args.quick else ["d20", "d12", "d26"]  # the headline shape first
+    names = ["d20"] if args.quick else args.shapes.split(",")  # the headline shape first
     for name in names:
         for T in ([2048] if args.quick else [2048, 4096]):
             for window in (None, 512):
@@ -198,7 +208,7 @@ def main():
                     q, k, v, dy = inputs(B, T, H, K, D, seed=T + H)
                     flops_fwd = 4 * B * H * D * visible_pairs(T, window)
                     row = {"shape": name, "T": T, "H": H, "H_kv": K, "window": window}
-                    for backend in ("pallas", "cudnn", "xla"):
+                    for backend in ("pallas", "triton", "cudnn", "xla"):
                         if backend == "xla" and T > 2048:
                             continue  # the oracle materializes (T, T) scores: slow, not a contender
                         try:
@@ -230,21 +240,6 @@ def main():
         print(row, flush=True)
     save()
 
-    # ---- Mosaic GPU reference forward (jax's FA3-style kernel: causal, no window, fp16 only) for
-    # scale: how far wgmma + TMA + warp specialization take the forward on this shape
-    try:
-        from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
-        q, k, v, _ = inputs(16, 2048, 10, 10, 128, dtype=jnp.float16)
-        cfg = mg.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
-        f = jax.jit(lambda q, k, v: mg.attention(q * (128 ** -0.5), k, v, cfg))
-        err = rel_err(f(q, k, v), oracle(q, k, v, None))
-        ms = time_ms(f, q, k, v)
-        report["mgpu_fwd_d20"] = {"ms": ms, "err": err}
-        print(f"jax Mosaic GPU FA3 forward (d20, T2048, causal, no window): {ms:.3f} ms, err {err:.1e}")
-    except Exception as e:
-        print(f"jax Mosaic GPU forward: {type(e).__name__}: {str(e)[:300]}")
-    save()
-
     print("\n" + table(rows))
     if failed:
         print("SOME CHECKS FAILED")
@@ -253,26 +248,32 @@ def main():
 
 def fmt_row(r):
     cells = [f"{r['shape']} T{r['T']} H{r['H']}/{r['H_kv']} w={r['window']}"]
-    for b in ("pallas", "cudnn", "xla"):
+    for b in ("pallas", "triton", "cudnn", "xla"):
         if f"{b}_fwd_ms" in r:
             cells.append(f"{b} {r[f'{b}_fwd_ms']:.3f}/{r[f'{b}_fwdbwd_ms']:.3f} ms")
     return "  ".join(cells)
 
 
 def table(rows):
-    head = ("| shape | T | H/H_kv | window | pallas fwd ms (TF/s) | cudnn fwd ms (TF/s) | xla fwd ms | "
-            "pallas fwd+bwd ms (TF/s) | cudnn fwd+bwd ms (TF/s) | xla fwd+bwd ms | pallas/cudnn fwd+bwd |")
-    lines = [head, "|" + " --- |" * 11]
+    head = ("| shape | T | H/H_kv | window | pallas fwd ms (TF/s) | triton fwd ms | cudnn fwd ms (TF/s) | "
+            "xla fwd ms | pallas fwd+bwd ms (TF/s) | triton fwd+bwd ms | cudnn fwd+bwd ms (TF/s) | "
+            "xla fwd+bwd ms | pallas/cudnn fwd | pallas/cudnn fwd+bwd |")
+    lines = [head, "|" + " --- |" * 14]
     for r in rows:
         def c(b, kind):
             if f"{b}_{kind}_ms" not in r:
                 return "-"
             return f"{r[f'{b}_{kind}_ms']:.3f} ({r[f'{b}_{kind}_tflops']:.0f})"
-        ratio = (f"{r['pallas_fwdbwd_ms'] / r['cudnn_fwdbwd_ms']:.2f}x"
-                 if "pallas_fwdbwd_ms" in r and "cudnn_fwdbwd_ms" in r else "-")
+        def ratio(kind):
+            a, b = r.get(f"pallas_{kind}_ms"), r.get(f"cudnn_{kind}_ms")
+            return f"{a / b:.2f}x" if a and b else "-"
+
+        def ms(b, kind):
+            return c(b, kind).split(" ")[0]
         lines.append(f"| {r['shape']} | {r['T']} | {r['H']}/{r['H_kv']} | {r['window'] or 'full'} | "
-                     f"{c('pallas', 'fwd')} | {c('cudnn', 'fwd')} | {c('xla', 'fwd').split(' ')[0]} | "
-                     f"{c('pallas', 'fwdbwd')} | {c('cudnn', 'fwdbwd')} | {c('xla', 'fwdbwd').split(' ')[0]} | {ratio} |")
+                     f"{c('pallas', 'fwd')} | {ms('triton', 'fwd')} | {c('cudnn', 'fwd')} | {ms('xla', 'fwd')} | "
+                     f"{c('pallas', 'fwdbwd')} | {ms('triton', 'fwdbwd')} | {c('cudnn', 'fwdbwd')} | "
+                     f"{ms('xla', 'fwdbwd')} | {ratio('fwd')} | {ratio('fwdbwd')} |")
     return "\n".join(lines)
 
 

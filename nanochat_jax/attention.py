@@ -3,8 +3,9 @@
 Backends:
   xla    plain jnp; always available; the oracle every other backend is tested against.
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only.
-  pallas our flash-attention kernels (kernels/attention.py); compiled through Triton on GPU,
-         run by the Pallas interpreter elsewhere (slow: for tests).
+  pallas our flash-attention kernels: on a Hopper GPU (bf16/fp16, head_dim 64 or 128) the
+         Mosaic GPU ones (kernels/attention_mgpu.py), on other GPUs and for fp32 the Triton-style
+         ones (kernels/attention.py), which the Pallas interpreter runs elsewhere (slow: tests).
 
 Layout is (B, T, H, D) for queries and (B, T, H_kv, D) for keys and values, H a multiple of H_kv.
 `window` w means query t sees keys t - w ... t; None means unlimited (plain causal).
@@ -33,10 +34,12 @@ def attention(q_BTHD, k_BTKD, v_BTKD, *, window: int | None, backend: str = "xla
             implementation="cudnn",
         )
     if backend == "pallas":
-        from kernels.attention import flash_attention
+        from kernels import attention, attention_mgpu
 
-        return flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, window=window,
-                               interpret=jax.default_backend() != "gpu")
+        if attention_mgpu.supported(q_BTHD):
+            return attention_mgpu.flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, window=window)
+        return attention.flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, window=window,
+                                         interpret=jax.default_backend() != "gpu")
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
