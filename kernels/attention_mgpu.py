@@ -116,6 +116,12 @@ def _feed(lo, hi, rounds, stages, load, free):
         at(n, slot)
 
 
+def _one_compile(kernel):
+    """Jit each kernel on its own: a model calling attention in every layer then lowers (and
+    XLA compiles) one copy per kernel and shape, not one per call (d12: 20 s of lowering)."""
+    return jax.jit(kernel, static_argnames=("band", "scale", "blocks"))
+
+
 def _kernel_call(body, out_type, scratch, grid, grid_names):
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
                         grid_names=grid_names, num_threads=COMPUTE_WGS + 1, thread_name="wg",
@@ -140,6 +146,7 @@ def _free(stages):
 # forward
 
 
+@_one_compile
 def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
     """q (B, Tp, H, D), k and v (B, Tp, K, D), Tp a multiple of TILE. Returns the output and the
     base-2 log-sum-exp (B, H, Tp) of the logits scale * log2(e) * q.k."""
@@ -147,7 +154,6 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
     G = H // k.shape[2]
     bk, stages, dtype = blocks.fwd_k, blocks.fwd_stages, q.dtype
     c = scale * LOG2E
-    masked_score = MASK_VALUE / max(c, 1.0)  # stays finite after the multiply by c
     pairs = Tp // (COMPUTE_WGS * ROWS)
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem,
@@ -169,19 +175,24 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS), h], q_smem, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
 
+            def wait_for_keys(n):
+                # Block n's keys are awaited one step early, while the tensor cores are busy.
+                @pl.when(n < hi - lo)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(n, stages)])
+
             def skip(n):
                 slot = lax.rem(n, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
+                wait_for_keys(n + 1)
                 take_turn()
                 take_turn()
 
             def step(n, r, j, carry, masked):
                 acc, m, l = carry
                 slot = lax.rem(n, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
 
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -191,11 +202,15 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
                 s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    s = jnp.where(band.visible(*_positions(row0, j * bk, s.shape)), s, masked_score)
-                s = s * c
-                m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    s = jnp.where(band.visible(*_positions(row0, j * bk, s.shape)), s, -jnp.inf)
+                # m is kept in base-2 units, so p = exp2(s * c - m) is one multiply-add. Masked
+                # scores are -inf (a finite mask value would leave the multiply-add's rounding
+                # error, huge at that magnitude, in the exponent); a row that has seen no key
+                # yet (m = -inf) subtracts 0 instead.
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m - shift)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(shift, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p = p.astype(dtype)
@@ -206,21 +221,27 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                    wait_for_keys(n + 1)
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
             acc = plgpu.layout_cast(jnp.zeros((ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
-            m = plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32), _ROW)
+            m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), _ROW)
             l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), _ROW)
+            wait_for_keys(0)
             pl.when(wg == 1)(take_turn)  # warpgroup 1 runs half a step behind warpgroup 0
             acc, m, l = _walk(_block_range(block, ROWS, bk, band), lo, hi, 1, skip, step,
                               (acc, m, l))
             pl.when(wg == 0)(take_turn)
 
+            # Rows of padding past T may have seen no key (l = 0): o = 0 and lse = 0 there, so
+            # that the backward's exp2(masked - lse) is 0.
+            seen = l > 0
+            l = jnp.where(seen, l, 1.0)
             q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-            lse_smem.at[wg][...] = m + jnp.log(l) * LOG2E
+            lse_smem.at[wg][...] = jnp.where(seen, m + jnp.log(l) * LOG2E, 0.0)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(row0, ROWS), h])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
@@ -251,6 +272,7 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
 # backward
 
 
+@_one_compile
 def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
     """dq, and delta = rowsum(o * do) (B, H, Tp) for the dk/dv kernel, computed on the way."""
     B, Tp, H, D = q.shape
@@ -348,6 +370,7 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
         q, k, v, o, do, lse)
 
 
+@_one_compile
 def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
     B, Tp, H, D = q.shape
     K = k.shape[2]
