@@ -39,6 +39,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from kernels.partition import rows_parallel
+
 LOG2E = math.log2(math.e)
 # Finite, so that a row with no visible key in some block gives exp2(MASK - MASK) = 1 rather than
 # NaN; the next block with a visible key rescales that junk by exp2(MASK - m) = 0.
@@ -310,10 +312,22 @@ def _flash(q, k, v, band, scale, blocks, interpret):
     return _flash_fwd(q, k, v, band, scale, blocks, interpret)[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels(band, scale, blocks, interpret):
+    """The forward and backward kernels, split over the batch and heads of a sharded program."""
+    forward = rows_parallel(lambda q, k, v: _forward(q, k, v, band, scale, blocks, interpret),
+                            ("bthd", "btkd", "btkd"), ("bthd", "bht"))
+    backward = rows_parallel(
+        lambda q, k, v, o, lse, do: _backward(q, k, v, o, lse, do, band, scale, blocks, interpret),
+        ("bthd", "btkd", "btkd", "bthd", "bht", "bthd"), ("bthd", "btkd", "btkd"))
+    return forward, backward
+
+
 def _flash_fwd(q, k, v, band, scale, blocks, interpret):
     T = q.shape[1]
     Tp = -(-T // _tile(blocks)) * _tile(blocks)
-    o, lse = _forward(_pad(q, Tp), _pad(k, Tp), _pad(v, Tp), band, scale, blocks, interpret)
+    forward, _ = _kernels(band, scale, blocks, interpret)
+    o, lse = forward(_pad(q, Tp), _pad(k, Tp), _pad(v, Tp))
     o = o[:, :T]
     return o, (q, k, v, o, lse)
 
@@ -321,8 +335,8 @@ def _flash_fwd(q, k, v, band, scale, blocks, interpret):
 def _flash_bwd(band, scale, blocks, interpret, residuals, do):
     q, k, v, o, lse = residuals
     T, Tp = q.shape[1], lse.shape[2]
-    grads = _backward(*(_pad(x, Tp) for x in (q, k, v, o)), lse, _pad(do, Tp), band, scale,
-                      blocks, interpret)
+    _, backward = _kernels(band, scale, blocks, interpret)
+    grads = backward(*(_pad(x, Tp) for x in (q, k, v, o)), lse, _pad(do, Tp))
     return tuple(g[:, :T] for g in grads)
 
 

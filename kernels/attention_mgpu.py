@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.attention import LOG2E, MASK_VALUE, Band, _block_range, _pad
+from kernels.partition import rows_parallel
 
 COMPUTE_WGS = 2
 ROWS = 64  # rows per compute warpgroup: wgmma's M
@@ -486,10 +487,26 @@ def _flash(q, k, v, band, scale, blocks):
     return _flash_fwd(q, k, v, band, scale, blocks)[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels(band, scale, blocks):
+    """The forward and the two backward kernels, split over the batch and heads of a sharded
+    program."""
+    def backward(q, k, v, o, lse, do):
+        dq, delta = _dq(q, k, v, o, do, lse, band, scale, blocks)
+        return (dq, *_dkv(q, k, v, do, lse, delta, band, scale, blocks))
+
+    forward = rows_parallel(lambda q, k, v: _forward(q, k, v, band, scale, blocks),
+                            ("bthd", "btkd", "btkd"), ("bthd", "bht"))
+    backward = rows_parallel(backward, ("bthd", "btkd", "btkd", "bthd", "bht", "bthd"),
+                             ("bthd", "btkd", "btkd"))
+    return forward, backward
+
+
 def _flash_fwd(q, k, v, band, scale, blocks):
     T = q.shape[1]
     Tp = -(-T // TILE) * TILE
-    o, lse = _forward(_pad(q, Tp), _pad(k, Tp), _pad(v, Tp), band, scale, blocks)
+    forward, _ = _kernels(band, scale, blocks)
+    o, lse = forward(_pad(q, Tp), _pad(k, Tp), _pad(v, Tp))
     o = o[:, :T]
     return o, (q, k, v, o, lse)
 
@@ -497,10 +514,9 @@ def _flash_fwd(q, k, v, band, scale, blocks):
 def _flash_bwd(band, scale, blocks, residuals, do):
     q, k, v, o, lse = residuals
     T, Tp = q.shape[1], lse.shape[2]
-    q, k, v, o, do = (_pad(x, Tp) for x in (q, k, v, o, do))
-    dq, delta = _dq(q, k, v, o, do, lse, band, scale, blocks)
-    dk, dv = _dkv(q, k, v, do, lse, delta, band, scale, blocks)
-    return dq[:, :T], dk[:, :T], dv[:, :T]
+    _, backward = _kernels(band, scale, blocks)
+    grads = backward(*(_pad(x, Tp) for x in (q, k, v, o)), lse, _pad(do, Tp))
+    return tuple(g[:, :T] for g in grads)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -11,9 +11,8 @@ rounded to x's dtype, the norm in float32, the result rounded, then scaled in x'
 Layout: x (B, T, H, D) is read as (B, T*H, D); the rotary tables (T, D) are repeated per head once
 (T*H rows: 5 MB at T = 2048, H = 10), so a block of rows reads its angles as a block too.
 
-Sharding: both kernels are `custom_partitioning` functions that keep the batch's and the heads'
-sharding and run on each device's rows (a bare Pallas call inside a sharded program would make
-XLA gather the whole batch onto every device first).
+Sharding: both kernels keep the batch's and the heads' sharding and run on each device's rows
+(`kernels.partition.rows_parallel`).
 """
 
 import functools
@@ -22,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kernels.partition import rows_parallel
 
 # 4 warps over 32 rows of 128: 32 values of each input per thread. Measured on the H200 at the d20
 # shape (ms, forward / backward): 16 rows 0.246 / 0.280, 32 rows 0.274 / 0.269, 128 rows 0.346 / 0.533
@@ -115,42 +114,12 @@ def _bwd_local(g_BTHD, y_BTHD, inv_BTH, C_TD, S_TD, *, scale, max_rows, interpre
     return dx.reshape(B, T, H, D)
 
 
-def _rows_sharded(mesh, spec, ndim):
-    """A sharding of (B, T, H[, D]) that keeps `spec`'s batch and head entries: rows are independent,
-    while a position's angles and a head's channels must stay on one device."""
-    spec = tuple(spec) + (None,) * (4 - len(spec))
-    return NamedSharding(mesh, P(spec[0], None, spec[2], *([None] * (ndim - 3))))
-
-
-def _batch_parallel(local_fn, n_row_args, out_ranks, rule):
-    """`local_fn` as a custom_partitioning function: its first `n_row_args` arguments are split
-    over batch and heads like the first one, the rest (the tables) replicated; outputs likewise."""
-    fn = custom_partitioning(local_fn)
-
-    def shardings(mesh, arg_shapes):
-        spec = arg_shapes[0].sharding.spec
-        args = tuple(_rows_sharded(mesh, spec, len(a.shape)) if i < n_row_args else NamedSharding(mesh, P())
-                     for i, a in enumerate(arg_shapes))
-        outs = tuple(_rows_sharded(mesh, spec, r) for r in out_ranks)
-        return args, outs if len(outs) > 1 else outs[0]
-
-    def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, arg_shapes)[1]
-
-    def partition(mesh, arg_shapes, result_shape):
-        args, outs = shardings(mesh, arg_shapes)
-        return mesh, local_fn, outs, args
-
-    fn.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule)
-    return fn
-
-
 @functools.lru_cache(maxsize=None)
 def _fwd_fn(scale, eps, max_rows, interpret):
     def local(x, C, S):  # positional arguments only: custom_partitioning resolves no keywords
         return _fwd_local(x, C, S, scale=scale, eps=eps, max_rows=max_rows, interpret=interpret)
 
-    return _batch_parallel(local, 1, (4, 3), "b t h d, t d, t d -> b t h d, b t h")
+    return rows_parallel(local, ("bthd", "td", "td"), ("bthd", "bth"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,7 +127,7 @@ def _bwd_fn(scale, max_rows, interpret):
     def local(g, y, inv, C, S):
         return _bwd_local(g, y, inv, C, S, scale=scale, max_rows=max_rows, interpret=interpret)
 
-    return _batch_parallel(local, 3, (4,), "b t h d, b t h d, b t h, t d, t d -> b t h d")
+    return rows_parallel(local, ("bthd", "bthd", "bth", "td", "td"), ("bthd",))
 
 
 def rotary_qk_norm_fwd(x_BTHD, C_TD, S_TD, *, scale: float, eps: float, max_rows: int = MAX_ROWS_PER_PROGRAM,

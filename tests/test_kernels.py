@@ -122,3 +122,40 @@ def test_pallas_backend_is_wired():
     k, v = (jax.random.normal(key, (1, 20, 2, 16)) for key in keys[1:])
     got = attention(q, k, v, window=5, backend="pallas")
     assert rel_err(got, attention(q, k, v, window=5, backend="xla")) < 1e-5
+
+
+@pytest.mark.parametrize("model_axis, H, K", [(1, 4, 2), (2, 4, 2), (2, 4, 1)],
+                         ids=["batch-split", "batch-and-heads-split", "heads-whole-gqa-4"])
+def test_flash_attention_sharded_without_gathering(model_axis, H, K):
+    """On 8 devices, the forward and all three gradients equal one device's, split like the
+    inputs, with no collective in the program: each device runs the kernels on its own rows.
+    Heads are split only where every head count divides the axis (4:1 GQA with one key/value
+    head on two devices runs with the heads whole)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from nanochat_jax import sharding
+
+    assert len(jax.devices()) == 8
+    keys = jax.random.split(jax.random.key(5), 4)
+    q, dy = (jax.random.normal(key, (8, 24, H, 16)) for key in keys[:2])
+    k, v = (jax.random.normal(key, (8, 24, K, 16)) for key in keys[2:])
+
+    def grads(q, k, v, dy):
+        out, vjp = jax.vjp(functools.partial(flash_attention, window=9, blocks=SMALL, interpret=True), q, k, v)
+        return out, *vjp(dy)
+
+    want = jax.jit(grads)(q, k, v, dy)
+    mesh = sharding.make_mesh(model=model_axis)
+    heads = "model" if model_axis > 1 else None
+    heads_split = heads if K % model_axis == 0 else None
+    rows, kv_rows = (NamedSharding(mesh, P("data", None, h)) for h in (heads, heads_split))
+    fn = jax.jit(grads, in_shardings=(rows, kv_rows, kv_rows, rows))
+    got = fn(q, k, v, dy)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=name)
+        spec = tuple(a.sharding.spec) + (None,) * 4
+        assert spec[0] == "data" and (heads_split != heads or spec[2] == heads), (name, a.sharding.spec)
+    if heads_split == heads:  # (otherwise the kernels gather the query heads, as they must)
+        hlo = fn.lower(q, k, v, dy).compile().as_text()
+        collectives = ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+        assert not any(op in hlo for op in collectives)
