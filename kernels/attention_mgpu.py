@@ -124,6 +124,7 @@ def _one_compile(kernel):
 
 
 def _kernel_call(body, out_type, scratch, grid, grid_names):
+    # The kernel takes body's name (profiles show "attention_dq_mosaic_gpu_kernel").
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
                         grid_names=grid_names, num_threads=COMPUTE_WGS + 1, thread_name="wg",
                         compiler_params=plgpu.CompilerParams(approx_math=True))
@@ -157,8 +158,8 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
     c = scale * LOG2E
     pairs = Tp // (COMPUTE_WGS * ROWS)
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem,
-             q_ready, k_ready, v_ready, k_free, v_free, turn):
+    def attention_forward(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem,
+                          q_ready, k_ready, v_ready, k_free, v_free, turn):
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         pair = pairs - 1 - lax.axis_index("pair")  # the longest rows (causal) start first
         lo, _, _, hi = _block_range(pair, COMPUTE_WGS * ROWS, bk, band)
@@ -266,7 +267,8 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
                _ready(COMPUTE_WGS), _ready(stages), _ready(stages), _free(stages), _free(stages),
                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32))
-    return _kernel_call(body, out_type, scratch, (H, pairs, B), ("heads", "pair", "batch"))(q, k, v)
+    return _kernel_call(attention_forward, out_type, scratch, (H, pairs, B),
+                        ("heads", "pair", "batch"))(q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +285,9 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
     masked_score = MASK_VALUE / max(c, 1.0)
     pairs = Tp // (COMPUTE_WGS * ROWS)
 
-    def body(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref,
-             q_smem2, o_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-             q_ready, k_ready, v_ready, k_free, v_free):
+    def attention_dq(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref,
+                     q_smem2, o_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+                     q_ready, k_ready, v_ready, k_free, v_free):
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         pair = pairs - 1 - lax.axis_index("pair")
         lo, _, _, hi = _block_range(pair, COMPUTE_WGS * ROWS, bk, band)
@@ -367,8 +369,8 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
                _ring(stages, dtype, bk, D), _ready(COMPUTE_WGS, copies=4), _ready(stages),
                _ready(stages), _free(stages), _free(stages))
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32))
-    return _kernel_call(body, out_type, scratch, (H, pairs, B), ("heads", "pair", "batch"))(
-        q, k, v, o, do, lse)
+    return _kernel_call(attention_dq, out_type, scratch, (H, pairs, B),
+                        ("heads", "pair", "batch"))(q, k, v, o, do, lse)
 
 
 @_one_compile
@@ -382,9 +384,9 @@ def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
     pairs = Tp // (COMPUTE_WGS * ROWS)
     seen_by = band.mirrored()  # key s is seen by queries s - right ... s + left
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-             k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
-             kv_ready, q_ready, do_ready, q_free, do_free):
+    def attention_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                      k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
+                      kv_ready, q_ready, do_ready, q_free, do_free):
         b, kv_head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         pair = lax.axis_index("pair")  # causal: the first keys are seen by the most queries
         lo, _, _, hi = _block_range(pair, COMPUTE_WGS * ROWS, bq, seen_by)
@@ -474,8 +476,8 @@ def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
                _ready(COMPUTE_WGS, copies=2), _ready(stages, copies=2), _ready(stages, copies=2),
                _free(stages), _free(stages))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    return _kernel_call(body, out_type, scratch, (K, pairs, B), ("heads", "pair", "batch"))(
-        q, k, v, do, lse, delta)
+    return _kernel_call(attention_dkv, out_type, scratch, (K, pairs, B),
+                        ("heads", "pair", "batch"))(q, k, v, do, lse, delta)
 
 
 # ---------------------------------------------------------------------------------------------
