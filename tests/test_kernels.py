@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
+from kernels import attention_mgpu
 from kernels.attention import Blocks, decode_attention, flash_attention
 from nanochat_jax.attention import attention, attention_cached
 
@@ -87,6 +88,46 @@ def test_flash_attention_forward_and_gradients(B, T, H, K, D, causal, window, dt
         assert err < tol, f"{name}: relative error {err:.3g}"
 
 
+# (B, T, H, H_kv, D, causal, window): ragged T, GQA 1-4, windows inside and beyond T, D 64 and 128.
+MOSAIC_CASES = [
+    (1, 256, 2, 1, 128, True, None),
+    (2, 1000, 8, 2, 128, True, None),
+    (2, 1100, 6, 2, 128, True, 300),
+    (1, 777, 4, 4, 64, True, 64),
+    (1, 640, 4, 1, 128, False, None),
+    (1, 300, 2, 2, 128, True, 500),
+]
+
+
+@pytest.mark.skipif(not attention_mgpu.supported(jnp.zeros((1, 1, 1, 128), jnp.bfloat16)),
+                    reason="the Mosaic GPU kernels need a Hopper GPU (run on the lent H200)")
+@pytest.mark.parametrize("B, T, H, K, D, causal, window", MOSAIC_CASES)
+def test_mosaic_flash_attention_forward_and_gradients(B, T, H, K, D, causal, window):
+    keys = jax.random.split(jax.random.key(T + H), 4)
+    q = jax.random.normal(keys[0], (B, T, H, D), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (B, T, K, D), jnp.bfloat16) for key in keys[1:3])
+    dy = jax.random.normal(keys[3], (B, T, H, D), jnp.bfloat16)
+    kernel = functools.partial(attention_mgpu.flash_attention, causal=causal, window=window)
+    got_out, got_vjp = jax.vjp(kernel, q, k, v)
+    want_out, want_vjp = jax.vjp(functools.partial(reference, causal=causal, window=window),
+                                 *(x.astype(jnp.float32) for x in (q, k, v)))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (got_out, *got_vjp(dy)),
+                               (want_out, *want_vjp(dy.astype(jnp.float32)))):
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape, name
+        err = rel_err(got, want)
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"
+
+
+def test_mosaic_flash_attention_rejects_what_it_cannot_run():
+    q = jnp.zeros((1, 16, 4, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        attention_mgpu.flash_attention(*(x.astype(jnp.float32) for x in (q, q, q)))
+    with pytest.raises(ValueError, match="head_dim 64 or 128"):
+        attention_mgpu.flash_attention(q[..., :32], q[..., :32], q[..., :32])
+    with pytest.raises(ValueError, match="multiple of H_kv"):
+        attention_mgpu.flash_attention(q, q[:, :, :3], q[:, :, :3])
+
+
 def test_flash_attention_rejects_bad_shapes():
     q = jnp.zeros((1, 16, 3, 16))
     with pytest.raises(ValueError, match="multiple of kv heads"):
@@ -121,7 +162,9 @@ def test_pallas_backend_is_wired():
     q = jax.random.normal(keys[0], (1, 20, 4, 16))
     k, v = (jax.random.normal(key, (1, 20, 2, 16)) for key in keys[1:])
     got = attention(q, k, v, window=5, backend="pallas")
-    assert rel_err(got, attention(q, k, v, window=5, backend="xla")) < 1e-5
+    with jax.default_matmul_precision("highest"):  # on a GPU, XLA's fp32 products are tf32 otherwise
+        want = attention(q, k, v, window=5, backend="xla")
+    assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("model_axis, H, K", [(1, 4, 2), (2, 4, 2), (2, 4, 1)],
