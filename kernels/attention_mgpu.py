@@ -493,13 +493,13 @@ def _flash(q, k, v, band, scale, blocks):
 def _kernels(band, scale, blocks):
     """The forward and the two backward kernels, split over the batch and heads of a sharded
     program."""
-    def backward(q, k, v, o, lse, do):
+    def gradients(q, k, v, o, lse, do):
         dq, delta = _dq(q, k, v, o, do, lse, band, scale, blocks)
         return (dq, *_dkv(q, k, v, do, lse, delta, band, scale, blocks))
 
     forward = rows_parallel(lambda q, k, v: _forward(q, k, v, band, scale, blocks),
                             ("bthd", "btkd", "btkd"), ("bthd", "bht"))
-    backward = rows_parallel(backward, ("bthd", "btkd", "btkd", "bthd", "bht", "bthd"),
+    backward = rows_parallel(gradients, ("bthd", "btkd", "btkd", "bthd", "bht", "bthd"),
                              ("bthd", "btkd", "btkd"))
     return forward, backward
 
