@@ -125,12 +125,23 @@ def _dot(a, b, trans_a=False, trans_b=False):
     return plt.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
+def masked_score(c: float) -> float:
+    """The raw score given to a masked pair when logits are formed as s * c - shift: it stays
+    finite after the multiply by c."""
+    return MASK_VALUE / max(c, 1.0)
+
+
 def _scores(q, k, rows, cols, band, c, masked):
     """Raw q.k of a (rows x cols) tile, masked outside the band when asked. Callers form the
-    base-2 logits as s * c - shift in one fused multiply-add; the mask value is chosen so that
-    it stays finite after the multiply by c."""
+    base-2 logits as s * c - shift in one fused multiply-add."""
     s = _dot(q, k, trans_b=True)
-    return jnp.where(band.visible(rows[:, None], cols[None, :]), s, MASK_VALUE / max(c, 1.0)) if masked else s
+    return jnp.where(band.visible(rows[:, None], cols[None, :]), s, masked_score(c)) if masked else s
+
+
+# The dimensions of the flash kernels' arrays for `rows_parallel`: forward (q, k, v) -> (o, lse),
+# backward (q, k, v, o, lse, do) -> (dq, dk, dv).
+FORWARD_DIMS = (("bthd", "btkd", "btkd"), ("bthd", "bht"))
+BACKWARD_DIMS = (("bthd", "btkd", "btkd", "bthd", "bht", "bthd"), ("bthd", "btkd", "btkd"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,10 +327,10 @@ def _flash(q, k, v, band, scale, blocks, interpret):
 def _kernels(band, scale, blocks, interpret):
     """The forward and backward kernels, split over the batch and heads of a sharded program."""
     forward = rows_parallel(lambda q, k, v: _forward(q, k, v, band, scale, blocks, interpret),
-                            ("bthd", "btkd", "btkd"), ("bthd", "bht"))
+                            *FORWARD_DIMS)
     backward = rows_parallel(
         lambda q, k, v, o, lse, do: _backward(q, k, v, o, lse, do, band, scale, blocks, interpret),
-        ("bthd", "btkd", "btkd", "bthd", "bht", "bthd"), ("bthd", "btkd", "btkd"))
+        *BACKWARD_DIMS)
     return forward, backward
 
 

@@ -36,7 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.attention import LOG2E, MASK_VALUE, Band, _block_range, _pad
+from kernels.attention import (BACKWARD_DIMS, FORWARD_DIMS, LOG2E, Band, _block_range, _pad,
+                               masked_score)
 from kernels.partition import rows_parallel
 
 COMPUTE_WGS = 2
@@ -115,6 +116,27 @@ def _feed(lo, hi, rounds, stages, load, free):
         for barrier in free:
             plgpu.barrier_wait(barrier.at[slot])
         at(n, slot)
+
+
+def _pass_over(slot, ready, free):
+    """A compute warpgroup's turn on a slot outside its band: wait for every copy, release."""
+    for barrier in ready:
+        plgpu.barrier_wait(barrier.at[slot])
+    for barrier in free:
+        plgpu.barrier_arrive(barrier.at[slot])
+
+
+def _stream_keys_and_values(kv_refs, b, kv_head, lo, hi, rows, stages, smem, ready, free):
+    """The memory warpgroup of the forward and dq kernels: key/value blocks lo ... hi - 1 of one
+    (batch, kv head), `rows` positions each."""
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(r, j, slot):
+        block = (b, pl.ds(j * rows, rows), kv_head)
+        for src, dst, barrier in zip(kv_refs, smem, ready):
+            plgpu.copy_gmem_to_smem(src.at[block], dst.at[slot], barrier.at[slot])
+
+    _feed(lo, hi, 1, stages, load, free)
 
 
 def _one_compile(kernel):
@@ -251,15 +273,8 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-            kv_head = lax.div(h, jnp.int32(G))
-
-            def load(r, j, slot):
-                rows = (b, pl.ds(j * bk, bk), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
-
-            _feed(lo, hi, 1, stages, load, (k_free, v_free))
+            _stream_keys_and_values((k_ref, v_ref), b, lax.div(h, jnp.int32(G)), lo, hi, bk,
+                                    stages, (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free))
 
     scratch = (plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=_transforms(dtype)),
                _ring(stages, dtype, bk, D), _ring(stages, dtype, bk, D),
@@ -282,7 +297,7 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
     G = H // k.shape[2]
     bk, stages, dtype = blocks.dq_k, blocks.dq_stages, q.dtype
     c = scale * LOG2E
-    masked_score = MASK_VALUE / max(c, 1.0)
+    mask_value = masked_score(c)
     pairs = Tp // (COMPUTE_WGS * ROWS)
 
     def attention_dq(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref,
@@ -313,11 +328,7 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
             plgpu.copy_smem_to_gmem(delta_smem2.at[wg], delta_ref.at[b, h, pl.ds(row0, ROWS)])
 
             def skip(n):
-                slot = lax.rem(n, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
+                _pass_over(lax.rem(n, stages), (k_ready, v_ready), (k_free, v_free))
 
             def step(n, r, j, dq, masked):
                 slot = lax.rem(n, stages)
@@ -333,7 +344,7 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
                 s, dp = pl.run_scoped(products, (plgpu.ACC((ROWS, bk), jnp.float32),) * 2)
                 plgpu.barrier_arrive(v_free.at[slot])
                 if masked:
-                    s = jnp.where(band.visible(*_positions(row0, j * bk, s.shape)), s, masked_score)
+                    s = jnp.where(band.visible(*_positions(row0, j * bk, s.shape)), s, mask_value)
                 p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0]))
                 ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
 
@@ -353,15 +364,8 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-            kv_head = lax.div(h, jnp.int32(G))
-
-            def load(r, j, slot):
-                rows = (b, pl.ds(j * bk, bk), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
-
-            _feed(lo, hi, 1, stages, load, (k_free, v_free))
+            _stream_keys_and_values((k_ref, v_ref), b, lax.div(h, jnp.int32(G)), lo, hi, bk,
+                                    stages, (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free))
 
     own = plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=_transforms(dtype))
     rows_f32 = plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32)
@@ -380,7 +384,7 @@ def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
     G = H // K
     bq, stages, dtype = blocks.dkv_q, blocks.dkv_stages, q.dtype
     c = scale * LOG2E
-    masked_score = MASK_VALUE / max(c, 1.0)
+    mask_value = masked_score(c)
     pairs = Tp // (COMPUTE_WGS * ROWS)
     seen_by = band.mirrored()  # key s is seen by queries s - right ... s + left
 
@@ -403,11 +407,7 @@ def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
             plgpu.barrier_wait(kv_ready.at[wg])
 
             def skip(n):
-                slot = lax.rem(n, stages)
-                plgpu.barrier_wait(q_ready.at[slot])
-                plgpu.barrier_wait(do_ready.at[slot])
-                plgpu.barrier_arrive(q_free.at[slot])
-                plgpu.barrier_arrive(do_free.at[slot])
+                _pass_over(lax.rem(n, stages), (q_ready, do_ready), (q_free, do_free))
 
             def step(n, r, i, carry, masked):
                 dk, dv = carry
@@ -421,7 +421,7 @@ def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
                 sT = pl.run_scoped(scores, plgpu.ACC((ROWS, bq), jnp.float32))
                 if masked:
                     sT = jnp.where(seen_by.visible(*_positions(row0, i * bq, sT.shape)), sT,
-                                   masked_score)
+                                   mask_value)
                 lse = plgpu.load(lse_smem.at[slot], (), layout=_COL)
                 pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse, sT.shape, [1]))
                 plgpu.barrier_wait(do_ready.at[slot])
@@ -497,10 +497,8 @@ def _kernels(band, scale, blocks):
         dq, delta = _dq(q, k, v, o, do, lse, band, scale, blocks)
         return (dq, *_dkv(q, k, v, do, lse, delta, band, scale, blocks))
 
-    forward = rows_parallel(lambda q, k, v: _forward(q, k, v, band, scale, blocks),
-                            ("bthd", "btkd", "btkd"), ("bthd", "bht"))
-    backward = rows_parallel(gradients, ("bthd", "btkd", "btkd", "bthd", "bht", "bthd"),
-                             ("bthd", "btkd", "btkd"))
+    forward = rows_parallel(lambda q, k, v: _forward(q, k, v, band, scale, blocks), *FORWARD_DIMS)
+    backward = rows_parallel(gradients, *BACKWARD_DIMS)
     return forward, backward
 
 
