@@ -282,31 +282,59 @@ def _attention_block(x_BTD, layer, ve_BTK, rotary, p, config, window, backend, c
 
 
 def _mlp_block(x_BTD, layer, p):
-    return _mlp(x_BTD, p["blocks"]["mlp_fc"][layer], p["blocks"]["mlp_proj"][layer])
-
-
-def _mlp(x_BTD, w_fc, w_proj):
-    return linear(relu_squared(linear(x_BTD, w_fc)), w_proj)
+    return mlp(x_BTD, p["blocks"]["mlp_fc"][layer], p["blocks"]["mlp_proj"][layer])
 
 
 @jax.custom_vjp
-def relu_squared(h):
-    """relu(h)², whose backward pass needs only the output a: the derivative 2 relu(h) is
-    2 sqrt(a). The output is kept anyway as the next matmul's input, so the 4D-wide
-    pre-activation is neither stored (13 GB at d20 with 32 x 2048 tokens) nor recomputed."""
-    return jnp.square(jax.nn.relu(h))
+def mlp(x_BTD, w_fc, w_proj):
+    """relu(x W_fc^T)² W_proj^T, with a hand-written backward pass that takes the ReLU²'s
+    derivative 2 relu(h) = 2 sqrt(a) from its output a: a is kept anyway as the second product's
+    input, so the 4D-wide pre-activation is neither stored (13 GB at d20 with 32 x 2048 tokens)
+    nor recomputed. On Hopper the ReLU² and its derivative run in the epilogues of the products
+    that produce them (`kernels/matmul_mgpu.py`) instead of as passes of their own."""
+    return linear(_relu_squared_product(x_BTD, w_fc), w_proj)
 
 
-def _relu_squared_fwd(h):
-    a = relu_squared(h)
-    return a, a
+def _mlp_kernels_apply(x_BTK, w_KN):
+    """Whether x @ w runs as a `kernels/matmul_mgpu.py` kernel: on Hopper, for training- and
+    evaluation-sized inputs (decoding's few rows take the XLA path)."""
+    from kernels import matmul_mgpu
+
+    return matmul_mgpu.supported(x_BTK, w_KN)
 
 
-def _relu_squared_bwd(a, g):
-    return ((2 * g.astype(jnp.float32)) * jnp.sqrt(a.astype(jnp.float32))).astype(a.dtype),
+def _relu_squared_product(x_BTD, w_fc):
+    """a = relu(x W_fc^T)²."""
+    if _mlp_kernels_apply(x_BTD, w_fc.T):
+        from kernels.matmul_mgpu import relu_squared_matmul
+
+        return relu_squared_matmul(x_BTD, w_fc.T)
+    return jnp.square(jax.nn.relu(linear(x_BTD, w_fc)))
 
 
-relu_squared.defvjp(_relu_squared_fwd, _relu_squared_bwd)
+def _relu_squared_product_grad(g_BTD, w_proj, a):
+    """The gradient at the pre-activation h: (g W_proj) · 2 sqrt(a)."""
+    if _mlp_kernels_apply(g_BTD, w_proj):
+        from kernels.matmul_mgpu import relu_squared_grad_matmul
+
+        return relu_squared_grad_matmul(g_BTD, w_proj, a)
+    da = jnp.einsum("...o,of->...f", g_BTD, w_proj)
+    return ((2 * da.astype(jnp.float32)) * jnp.sqrt(a.astype(jnp.float32))).astype(a.dtype)
+
+
+def _mlp_fwd(x_BTD, w_fc, w_proj):
+    a = _relu_squared_product(x_BTD, w_fc)
+    return linear(a, w_proj), (x_BTD, a, w_fc, w_proj)
+
+
+def _mlp_bwd(residuals, g_BTD):
+    x_BTD, a, w_fc, w_proj = residuals
+    dh = _relu_squared_product_grad(g_BTD, w_proj, a)
+    return (jnp.einsum("...f,fi->...i", dh, w_fc), jnp.einsum("...f,...i->fi", dh, x_BTD),
+            jnp.einsum("...o,...f->of", g_BTD, a))
+
+
+mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
 def forward(params: dict, tokens_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",

@@ -198,18 +198,26 @@ def test_rotary_qk_norm_forward_and_gradient(dtype):
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 4e-3)])
-def test_relu_squared_gradient_from_its_output(dtype, tol):
-    """relu² with its derivative taken from the output (2 sqrt(a)) against jax's gradient of the
-    plain formula, with negative, zero and positive inputs; in bfloat16 the two may differ by the
-    rounding of the stored output, well under one bfloat16 step of the result."""
-    h = (3 * jax.random.normal(jax.random.key(0), (4, 64))).astype(dtype).at[0, :4].set(0)
-    g = jax.random.normal(jax.random.key(1), (4, 64)).astype(dtype)
-    want, want_vjp = jax.vjp(lambda h: jnp.square(jax.nn.relu(h)), h)
-    got, got_vjp = jax.vjp(jax.jit(model.relu_squared), h)
+def test_mlp_gradient_takes_the_relu_squared_derivative_from_its_output(dtype, tol):
+    """The MLP with its hand-written backward pass (ReLU²'s derivative 2 sqrt(a) from the output)
+    against jax's gradients of the plain formula, with negative, zero and positive
+    pre-activations; in bfloat16 the two may differ by the rounding of the stored a, well under
+    one bfloat16 step of the result."""
+    B, T, D = 2, 8, 16
+    x = jax.random.normal(jax.random.key(0), (B, T, D)).astype(dtype).at[0, 0].set(0)
+    w_fc = (jax.random.normal(jax.random.key(1), (4 * D, D)) * D ** -0.5).astype(dtype)
+    w_proj = (jax.random.normal(jax.random.key(2), (D, 4 * D)) * D ** -0.5).astype(dtype)
+    g = jax.random.normal(jax.random.key(3), (B, T, D)).astype(dtype)
+    plain = lambda x, w_fc, w_proj: model.linear(jnp.square(jax.nn.relu(model.linear(x, w_fc))), w_proj)
+    want, want_vjp = jax.vjp(plain, x, w_fc, w_proj)
+    got, got_vjp = jax.vjp(jax.jit(model.mlp), x, w_fc, w_proj)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    want_dh, got_dh = np.asarray(want_vjp(g)[0], np.float32), np.asarray(got_vjp(g)[0], np.float32)
-    assert got_vjp(g)[0].dtype == dtype and not np.any(got_dh[h < 0]) and not np.any(got_dh[0, :4])
-    assert np.linalg.norm(got_dh - want_dh) <= tol * np.linalg.norm(want_dh)
+    h = np.asarray(model.linear(x, w_fc), np.float32)
+    assert (h < 0).any() and (h > 0).any() and (h[0, 0] == 0).all()
+    for want_d, got_d in zip(want_vjp(g), got_vjp(g)):
+        assert got_d.dtype == dtype
+        want_d, got_d = np.asarray(want_d, np.float32), np.asarray(got_d, np.float32)
+        assert np.linalg.norm(got_d - want_d) <= tol * np.linalg.norm(want_d)
 
 
 def test_loss_gradient_recomputes_the_softcap_instead_of_storing_it():
