@@ -73,3 +73,15 @@ def test_kernels_reject_what_they_cannot_run():
         matmul_mgpu.relu_squared_grad_matmul(x, w, a[:, :64])
     assert not matmul_mgpu.supported(x[:, :100], w)
     assert not matmul_mgpu.supported(x.astype(jnp.float32), w.astype(jnp.float32))
+
+
+def test_bench_names_bad_shapes_and_refuses_without_hopper():
+    import subprocess
+    import sys
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kernels.bench_matmul", *a], capture_output=True, text=True)
+    bad = run("--shapes", "d20,d99")
+    assert bad.returncode == 2 and "unknown shape(s) d99" in bad.stderr and "Traceback" not in bad.stderr
+    if not ON_HOPPER:
+        refused = run()
+        assert refused.returncode == 1 and "needs a Hopper GPU" in refused.stderr
