@@ -333,7 +333,9 @@ WEIGHT_GRADIENT_SPLITS = 2
 def _weight_gradient(g_BTO, x_BTI):
     """sum over (b, t) of g ⊗ x, (O, I), in g's dtype, as WEIGHT_GRADIENT_SPLITS products over
     slices of the batch whose float32 results are added: one product over all 65,536 tokens of a
-    d20 micro-step has only (O/128)·(I/256) output tiles to spread over 132 SMs."""
+    micro-step has too few output tiles for the GPU's 132 SMs (measured: docs/perf_notes.md
+    section 12). With the batch sharded, the slices are the devices' own rows or groups of them;
+    the sums are the same."""
     B = g_BTO.shape[0]
     n = WEIGHT_GRADIENT_SPLITS if B % WEIGHT_GRADIENT_SPLITS == 0 else 1
     g = g_BTO.reshape(n, -1, g_BTO.shape[-1])
