@@ -153,8 +153,8 @@ def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    # The kernel takes the epilogue's name (profiles show "relu_squared_mosaic_gpu_kernel").
-    matmul_epilogue.__name__ = epilogue.__name__
+    # Profiles name the kernels "matmul_relu_squared[_grad]_mosaic_gpu_kernel".
+    matmul_epilogue.__name__ = f"matmul_{epilogue.__name__}"
     kernel = plgpu.kernel(
         matmul_epilogue, out_type=jax.ShapeDtypeStruct((M, N), dtype), grid=(_sm_count(),),
         grid_names=("sm",), num_threads=COMPUTE_WGS + 1, thread_name="wg",

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 PEAK_BF16 = 989e12  # H100/H200 dense bf16, the reference's MFU denominator
@@ -38,7 +39,7 @@ def kernel_table(trace_dir, top=50):
             kernels[e["name"]] += e.get("dur", 0) / 1e3
 
     def category(name):
-        if any(k in name for k in ("nvjet", "gemm", "cublas", "cutlass")):
+        if any(k in name for k in ("nvjet", "gemm", "cublas", "cutlass", "matmul")):
             return "matmul"
         if "cudnn" in name or "attention" in name:
             return "attention"
@@ -148,15 +149,31 @@ def main(argv=None):
 
     from nanochat_jax.train import StepConfig
 
+    import jax
+
     backend = args.attention or default_backend()
     chunk = StepConfig.loss_chunk_len if args.loss_chunk_len is None else args.loss_chunk_len
     results = []
     device_counts = [None] if args.devices is None else [int(n) for n in args.devices.split(",")]
+    for n in device_counts:
+        rows_per_step = args.device_batch_size * (n or jax.device_count()) * args.max_seq_len
+        if args.total_batch_size % rows_per_step:
+            parser.error(f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size "
+                         f"{args.device_batch_size} x {n or jax.device_count()} devices x --max-seq-len {args.max_seq_len}")
     runs = [(d, w, n) for d in map(int, args.depth.split(",")) for w in args.window_pattern.split(",") for n in device_counts]
     for depth, pattern, num_devices in runs:
         profile_dir = args.profile and os.path.join(args.profile, f"d{depth}_{pattern}_{num_devices or 'all'}")
-        r = bench(depth, pattern, args.device_batch_size, args.total_batch_size, args.max_seq_len,
-                  args.steps, backend, chunk, profile_dir, num_devices)
+        try:
+            r = bench(depth, pattern, args.device_batch_size, args.total_batch_size, args.max_seq_len,
+                      args.steps, backend, chunk, profile_dir, num_devices)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # The configuration does not fit: say so and go on with the others.
+            print(f"d{depth} {pattern}, device batch {args.device_batch_size}: out of device memory "
+                  f"({str(e).splitlines()[0][:160]}); a smaller --device-batch-size needs less", file=sys.stderr)
+            r = {"depth": depth, "window_pattern": pattern, "device_batch_size": args.device_batch_size,
+                 "devices": num_devices or jax.device_count(), "error": "out of device memory"}
         results.append(r)
         if "profile" in r:
             print_profile(r, top=40)
@@ -165,15 +182,20 @@ def main(argv=None):
               "MFU ceil", "peak GB", "compile s")
     print(" | ".join(header))
     for r in results:
-        print(" | ".join([str(r["depth"]), r["window_pattern"], str(r["devices"]), f"{r['tokens_per_s']:,.0f}",
-                          f"{r['tokens_per_s_per_device']:,.0f}", f"{r['step_ms']:.1f}",
-                          f"{r['micro_step_ms']:.1f}", f"{r['optimizer_ms_est']:.1f}", f"{r['mfu_989']:.1f}%",
-                          f"{r['mfu_measured_ceiling']:.1f}%", f"{r['peak_gb']:.1f}", f"{r['compile_s']:.1f}"]))
+        row = [str(r["depth"]), r["window_pattern"], str(r["devices"])]
+        if "error" in r:
+            print(" | ".join(row + [r["error"]]))
+            continue
+        print(" | ".join(row + [f"{r['tokens_per_s']:,.0f}",
+                                f"{r['tokens_per_s_per_device']:,.0f}", f"{r['step_ms']:.1f}",
+                                f"{r['micro_step_ms']:.1f}", f"{r['optimizer_ms_est']:.1f}", f"{r['mfu_989']:.1f}%",
+                                f"{r['mfu_measured_ceiling']:.1f}%", f"{r['peak_gb']:.1f}", f"{r['compile_s']:.1f}"]))
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
     print(json.dumps(results[-1] if len(results) == 1 else results))
-
+    if any("error" in r for r in results):
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()
