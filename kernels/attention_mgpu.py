@@ -38,6 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.attention import (BACKWARD_DIMS, FORWARD_DIMS, LOG2E, Band, _block_range, _pad,
                                masked_score)
+from kernels.mosaic import on_hopper, smem_transforms
 from kernels.partition import rows_parallel
 
 COMPUTE_WGS = 2
@@ -61,11 +62,6 @@ class MgpuBlocks:
 
 
 TILE = 128  # T is padded to a multiple of this (a program's 2 x 64 rows; a 128-row block)
-
-
-def _transforms(dtype):
-    # Shared-memory tiles for wgmma and TMA: 128-byte swizzled rows of two-byte elements.
-    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
 def _positions(rows0, cols0, shape):
@@ -153,7 +149,7 @@ def _kernel_call(body, out_type, scratch, grid, grid_names):
 
 
 def _ring(stages, dtype, rows, D):
-    return plgpu.SMEM((stages, rows, D), dtype, transforms=_transforms(dtype))
+    return plgpu.SMEM((stages, rows, D), dtype, transforms=smem_transforms(dtype))
 
 
 def _ready(stages, copies=1):
@@ -276,7 +272,7 @@ def _forward(q, k, v, band: Band, scale: float, blocks: MgpuBlocks):
             _stream_keys_and_values((k_ref, v_ref), b, lax.div(h, jnp.int32(G)), lo, hi, bk,
                                     stages, (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free))
 
-    scratch = (plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=_transforms(dtype)),
+    scratch = (plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=smem_transforms(dtype)),
                _ring(stages, dtype, bk, D), _ring(stages, dtype, bk, D),
                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
                _ready(COMPUTE_WGS), _ready(stages), _ready(stages), _free(stages), _free(stages),
@@ -367,7 +363,7 @@ def _dq(q, k, v, o, do, lse, band: Band, scale: float, blocks: MgpuBlocks):
             _stream_keys_and_values((k_ref, v_ref), b, lax.div(h, jnp.int32(G)), lo, hi, bk,
                                     stages, (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free))
 
-    own = plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=_transforms(dtype))
+    own = plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=smem_transforms(dtype))
     rows_f32 = plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32)
     scratch = (own, own, own, rows_f32, rows_f32, _ring(stages, dtype, bk, D),
                _ring(stages, dtype, bk, D), _ready(COMPUTE_WGS, copies=4), _ready(stages),
@@ -470,7 +466,7 @@ def _dkv(q, k, v, do, lse, delta, band: Band, scale: float, blocks: MgpuBlocks):
 
             _feed(lo, hi, G, stages, load, (q_free, do_free))
 
-    own = plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=_transforms(dtype))
+    own = plgpu.SMEM((COMPUTE_WGS, ROWS, D), dtype, transforms=smem_transforms(dtype))
     ring_f32 = plgpu.SMEM((stages, bq), jnp.float32)
     scratch = (own, own, _ring(stages, dtype, bq, D), _ring(stages, dtype, bq, D), ring_f32, ring_f32,
                _ready(COMPUTE_WGS, copies=2), _ready(stages, copies=2), _ready(stages, copies=2),
@@ -525,9 +521,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def supported(q) -> bool:
     """Whether these kernels run for queries like q here: a Hopper GPU (compute capability 9.x),
     bf16 or fp16, head_dim 64 or 128."""
-    device = jax.devices()[0]
-    return (device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9")
-            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128))
+    return on_hopper() and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
 
 
 def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,

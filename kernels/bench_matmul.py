@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from kernels import matmul_mgpu
 from kernels.bench import time_ms
+from kernels.mosaic import on_hopper
 
 TOKENS = (32, 2048)
 SHAPES = {"d12": 768, "d20": 1280, "d26": 1664}  # model width D: the products are D -> 4D
@@ -72,8 +73,7 @@ def main():
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
         ap.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    probe = jnp.zeros((1, 128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
-    if not matmul_mgpu.supported(*probe):
+    if not on_hopper():
         raise SystemExit("kernels.bench_matmul needs a Hopper GPU (the kernels are Mosaic GPU)")
     rows = [r for s in shapes for r in measure(s, SHAPES[s])]
     print(table(rows))

@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.mosaic import on_hopper, smem_transforms
 from kernels.partition import rows_parallel
 
 COMPUTE_WGS = 2
@@ -52,6 +53,9 @@ class MatmulTiles:
     band: int = 8
 
 
+TILES = MatmulTiles()  # what the model runs: the fastest of the sweep (kernels/README.md)
+
+
 def relu_squared(acc):
     r = jnp.maximum(acc, 0.0)
     return r * r
@@ -62,11 +66,6 @@ def relu_squared_grad(acc, a):
     the floor keeps a = 0 at 0 instead of 0 · inf."""
     a = a.astype(jnp.float32)
     return acc * (2.0 * a * lax.rsqrt(jnp.maximum(a, _TINY)))
-
-
-def _transforms(dtype):
-    itemsize = jnp.dtype(dtype).itemsize
-    return plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128)
 
 
 def _sm_count() -> int:
@@ -85,7 +84,7 @@ def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
 
     def pipeline(body, compute_context):
         def spec(shape, index):
-            return plgpu.BlockSpec(shape, index, transforms=_transforms(dtype), memory_space=plgpu.SMEM)
+            return plgpu.BlockSpec(shape, index, transforms=smem_transforms(dtype), memory_space=plgpu.SMEM)
 
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_steps,), memory_registers=40,
@@ -101,7 +100,7 @@ def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
             ring=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
             # Per warpgroup its output tile in 64 x 64 pieces: first the epilogue input c (when
             # there is one), then, written over it piece by piece, the result the TMA stores.
-            tile_smem=plgpu.SMEM((COMPUTE_WGS, len(pieces), PIECE, PIECE), dtype, transforms=_transforms(dtype)),
+            tile_smem=plgpu.SMEM((COMPUTE_WGS, len(pieces), PIECE, PIECE), dtype, transforms=smem_transforms(dtype)),
             c_ready=None if c_gmem is None else plgpu.Barrier(num_barriers=COMPUTE_WGS * len(pieces)),
             collective_axes="wg")
         def _(ring, tile_smem, c_ready):
@@ -162,25 +161,24 @@ def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
     return kernel(a, b, c)
 
 
-def _check(x, w, tiles: MatmulTiles):
+def _check(x, w):
     if x.ndim != 3 or w.ndim != 2 or w.shape[0] != x.shape[-1]:
         raise ValueError(f"expected x (B, T, K) and w (K, N); got {x.shape}, {w.shape}")
     M, K = x.shape[0] * x.shape[1], x.shape[-1]
     if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"x and w must share one dtype, bf16 or fp16; got {x.dtype}, {w.dtype}")
-    if M % tiles.rows or K % tiles.depth or w.shape[1] % (COMPUTE_WGS * tiles.cols):
+    if M % TILES.rows or K % TILES.depth or w.shape[1] % (COMPUTE_WGS * TILES.cols):
         raise ValueError(f"B·T={M}, K={K}, N={w.shape[1]} must divide by the tiles "
-                         f"({tiles.rows}, {tiles.depth}, {COMPUTE_WGS * tiles.cols})")
+                         f"({TILES.rows}, {TILES.depth}, {COMPUTE_WGS * TILES.cols})")
 
 
-def supported(x, w, tiles: MatmulTiles = MatmulTiles()) -> bool:
+def supported(x, w) -> bool:
     """Whether these kernels run for x (B, T, K) @ w (K, N): a Hopper GPU, bf16 or fp16, and
     B·T, K and N multiples of the tiles."""
-    device = jax.devices()[0]
-    if device.platform != "gpu" or not getattr(device, "compute_capability", "").startswith("9"):
+    if not on_hopper():
         return False
     try:
-        _check(x, w, tiles)
+        _check(x, w)
     except ValueError:
         return False
     return True
@@ -192,24 +190,24 @@ def _flat(x):
 
 @functools.partial(rows_parallel, in_dims=("bti", "io"), out_dims=("bto",))
 def _relu_squared_matmul(x, w):
-    return _matmul(_flat(x), w, None, epilogue=relu_squared, tiles=MatmulTiles()).reshape(*x.shape[:2], -1)
+    return _matmul(_flat(x), w, None, epilogue=relu_squared, tiles=TILES).reshape(*x.shape[:2], -1)
 
 
 @functools.partial(rows_parallel, in_dims=("bto", "oi", "bti"), out_dims=("bti",))
 def _relu_squared_grad_matmul(g, w, a):
-    return _matmul(_flat(g), w, _flat(a), epilogue=relu_squared_grad, tiles=MatmulTiles()).reshape(a.shape)
+    return _matmul(_flat(g), w, _flat(a), epilogue=relu_squared_grad, tiles=TILES).reshape(a.shape)
 
 
 def relu_squared_matmul(x, w):
     """relu(x @ w)² for x (B, T, K), w (K, N), in x's dtype (float32 accumulation, one rounding)."""
-    _check(x, w, MatmulTiles())
+    _check(x, w)
     return _relu_squared_matmul(x, w)
 
 
 def relu_squared_grad_matmul(g, w, a):
     """(g @ w) · 2 sqrt(a) for g (B, T, K), w (K, N) and a (B, T, N) >= 0: the gradient at the
     pre-activation h of a = relu(h)², from the gradient g of the product a @ w.T."""
-    _check(g, w, MatmulTiles())
+    _check(g, w)
     if a.shape != (*g.shape[:2], w.shape[1]) or a.dtype != g.dtype:
         raise ValueError(f"a must be {(*g.shape[:2], w.shape[1])} in {g.dtype}; got {a.shape} {a.dtype}")
     return _relu_squared_grad_matmul(g, w, a)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from kernels import matmul_mgpu
+from kernels.bench_matmul import max_rel as _max_rel
+from kernels.mosaic import on_hopper
 from nanochat_jax import model
 
-ON_HOPPER = matmul_mgpu.supported(jnp.zeros((1, 128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16))
+ON_HOPPER = on_hopper()
 BF16_STEP = 2.0 ** -8  # one bfloat16 rounding, relative
 
 
@@ -19,11 +21,6 @@ def _inputs(B, T, K, N):
     w = (jax.random.normal(keys[1], (K, N)) * K ** -0.5).astype(jnp.bfloat16)
     a = jnp.square(jax.nn.relu(jax.random.normal(keys[2], (B, T, N), jnp.bfloat16)))
     return x, w, a
-
-
-def _max_rel(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.abs(got - want).max() / np.abs(want).max()
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU kernels need a Hopper GPU")
