@@ -525,53 +525,82 @@ def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, at
 
 def _head_loss(x_BTD, lm_head, targets_BT, weights_BT, vocab_size):
     """(summed token losses, number of counted targets) of the head on hidden states `x_BTD`."""
-    total = softcapped_cross_entropy_sum(linear(x_BTD, lm_head), targets_BT, weights_BT, vocab_size)
+    total = head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size)
     return total, jnp.sum(targets_BT != IGNORE_INDEX)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def softcapped_cross_entropy_sum(logits_BTP, targets_BT, weights_BT, vocab_size: int):
-    """sum over counted targets of weight x (logsumexp(c) - c[target]), where c = softcap(logits)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size: int):
+    """sum over counted targets of weight x (logsumexp(c) - c[target]), where c = softcap(x W^T)
     in float32 over the first `vocab_size` columns (the rest is the vocabulary's padding); targets
     equal to -1 are ignored and `weights_BT=None` means weight 1.
 
-    The same numbers as `_head` followed by a log-softmax, but the float32 logits are never stored:
-    the forward pass keeps the compute-dtype logits and one log-sum-exp per token, and the backward
-    pass turns them into the logits' gradient in one elementwise sweep (at d20 the float32 logits
-    were 8.6 GB per micro-step and three extra passes over them).
+    The same numbers as `_head` followed by a log-softmax, but the float32 logits never exist.
+    Under differentiation the forward pass goes on from each row's log-sum-exp to the gradient at
+    the logits for a cotangent of 1 (on a GPU in one kernel, `kernels/cross_entropy.py`: the
+    logits are read once and their softcap computed once) and keeps that instead of the logits;
+    the backward pass scales the head's two products by the cotangent.
     """
-    return _softcapped_cross_entropy_fwd(logits_BTP, targets_BT, weights_BT, vocab_size)[0]
+    logits_BTP = linear(x_BTD, lm_head)
+    lse_BT = jnp.log(jnp.sum(jnp.exp(_softcap(logits_BTP[..., :vocab_size])), axis=-1))
+    return _loss_total(logits_BTP, lse_BT, targets_BT, _loss_coefficients(targets_BT, weights_BT))
 
 
-def _softcapped_cross_entropy_fwd(logits_BTP, targets_BT, weights_BT, vocab_size):
-    c_BTV = _softcap(logits_BTP[..., :vocab_size])
-    # |c| <= SOFTCAP, so exp(c) cannot overflow: a single pass with no running maximum.
-    lse_BT = jnp.log(jnp.sum(jnp.exp(c_BTV), axis=-1))
+def _loss_coefficients(targets_BT, weights_BT):
+    """Each token's weight in the summed loss: 0 for an ignored target, else its weight (or 1)."""
     valid = targets_BT != IGNORE_INDEX
-    target_c_BT = _softcap(jnp.take_along_axis(logits_BTP, jnp.where(valid, targets_BT, 0)[..., None], axis=-1)[..., 0])
-    losses_BT = lse_BT - target_c_BT
-    if weights_BT is not None:
-        losses_BT = losses_BT * weights_BT
-    return jnp.sum(jnp.where(valid, losses_BT, 0.0)), (logits_BTP, lse_BT, targets_BT, weights_BT)
+    return jnp.where(valid, 1.0 if weights_BT is None else weights_BT, 0.0)
 
 
-def _softcapped_cross_entropy_bwd(vocab_size, residuals, g):
-    logits_BTP, lse_BT, targets_BT, weights_BT = residuals
-    # The barrier keeps XLA from sharing the softcap's tanh with the forward pass: it would store
-    # the float32 tanh of every logit (8.6 GB at d20) from the forward pass to read it back here.
-    logits_BTP = jax.lax.optimization_barrier(logits_BTP)
-    coef_BT = jnp.where(targets_BT != IGNORE_INDEX, g, 0.0)
-    if weights_BT is not None:
-        coef_BT = coef_BT * weights_BT
+def _loss_total(logits_BTP, lse_BT, targets_BT, coef_BT):
+    target_c_BT = _softcap(jnp.take_along_axis(logits_BTP, jnp.maximum(targets_BT, 0)[..., None], axis=-1)[..., 0])
+    return jnp.sum(coef_BT * (lse_BT - target_c_BT))
+
+
+def _loss_kernel_applies(logits_BTP):
+    """Whether the loss and its gradient run as the one-pass Pallas kernel of
+    `kernels/cross_entropy.py` (on a GPU; measured in docs/perf_notes.md section 13)."""
+    from kernels import cross_entropy
+
+    return cross_entropy.supported(logits_BTP)
+
+
+def _softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size):
+    """(dz, lse): the gradient at the logits of the loss total for a cotangent of 1, in the logits'
+    dtype, and each row's log-sum-exp."""
+    if _loss_kernel_applies(logits_BTP):
+        from kernels.cross_entropy import softcapped_cross_entropy_grad
+
+        return softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size, softcap=SOFTCAP,
+                                             interpret=jax.default_backend() != "gpu")
+    # |c| <= SOFTCAP, so exp(c) cannot overflow: a single pass with no running maximum.
+    lse_BT = jnp.log(jnp.sum(jnp.exp(_softcap(logits_BTP[..., :vocab_size])), axis=-1))
+    # The barrier makes the second pass recompute the softcap's tanh: shared, XLA would store the
+    # float32 tanh of every logit (8.6 GB at d20) between the two passes.
+    logits_BTP, lse_BT = jax.lax.optimization_barrier((logits_BTP, lse_BT))
     c_BTV = _softcap(logits_BTP[..., :vocab_size])
     is_target = jnp.arange(vocab_size) == targets_BT[..., None]
     dc_BTV = coef_BT[..., None] * (jnp.exp(c_BTV - lse_BT[..., None]) - is_target)
     dz_BTV = dc_BTV * (1 - jnp.square(c_BTV / SOFTCAP))  # d softcap(z) / dz = 1 - tanh^2
     pad = [(0, 0)] * (dz_BTV.ndim - 1) + [(0, logits_BTP.shape[-1] - vocab_size)]
-    return jnp.pad(dz_BTV, pad).astype(logits_BTP.dtype), None, None
+    return jnp.pad(dz_BTV, pad).astype(logits_BTP.dtype), lse_BT
 
 
-softcapped_cross_entropy_sum.defvjp(_softcapped_cross_entropy_fwd, _softcapped_cross_entropy_bwd)
+def _head_loss_sum_fwd(x_BTD, lm_head, targets_BT, weights_BT, vocab_size):
+    logits_BTP = linear(x_BTD, lm_head)
+    coef_BT = _loss_coefficients(targets_BT, weights_BT)
+    dz_BTP, lse_BT = _softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size)
+    return _loss_total(logits_BTP, lse_BT, targets_BT, coef_BT), (x_BTD, lm_head, dz_BTP)
+
+
+def _head_loss_sum_bwd(vocab_size, residuals, g):
+    x_BTD, lm_head, dz_BTP = residuals
+    dx = g * jnp.einsum("...o,oi->...i", dz_BTP, lm_head, preferred_element_type=jnp.float32)
+    dw = g * jnp.einsum("...o,...i->oi", dz_BTP, x_BTD, preferred_element_type=jnp.float32)
+    return dx.astype(x_BTD.dtype), dw.astype(lm_head.dtype), None, None
+
+
+head_loss_sum.defvjp(_head_loss_sum_fwd, _head_loss_sum_bwd)
 
 
 def loss_fn(params, tokens_BT, targets_BT, config: GPTConfig, **loss_kwargs):

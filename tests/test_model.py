@@ -145,29 +145,32 @@ def test_chunked_loss_equals_full_loss_and_gradients(chunk_len, live_params):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_softcapped_cross_entropy_matches_autodiff_of_the_plain_formula(dtype, tol, weighted):
-    """The fused loss (custom gradient, no float32 logits kept) against jax's own gradient of the
-    textbook formula: softcap in float32, crop the padded vocabulary, log-softmax, ignore -1."""
-    vocab, padded = 100, 128
-    logits = (20 * jax.random.normal(jax.random.key(0), (3, 7, padded))).astype(dtype)  # some beyond the cap
+def test_head_loss_matches_autodiff_of_the_plain_formula(dtype, tol, weighted):
+    """The head's loss (custom gradient, no float32 logits kept) against jax's own gradient of the
+    textbook formula: logits x W^T, softcap in float32, crop the padded vocabulary, log-softmax,
+    ignore -1; at a cotangent other than 1, as the mean over tokens gives."""
+    vocab, padded, D = 100, 128, 32
+    x = jax.random.normal(jax.random.key(0), (3, 7, D)).astype(dtype)
+    w = (4 * jax.random.normal(jax.random.key(3), (padded, D))).astype(dtype)  # some logits beyond the cap
     targets = jax.random.randint(jax.random.key(1), (3, 7), 0, vocab).at[0, :3].set(-1).at[2, 6].set(vocab - 1)
     weights = jax.random.normal(jax.random.key(2), (3, 7)) if weighted else None
 
-    def plain(z):
-        c = model.SOFTCAP * jnp.tanh(z[..., :vocab].astype(jnp.float32) / model.SOFTCAP)
+    def plain(x, w):
+        c = model.SOFTCAP * jnp.tanh(model.linear(x, w)[..., :vocab].astype(jnp.float32) / model.SOFTCAP)
         valid = targets != -1
         picked = jnp.take_along_axis(jax.nn.log_softmax(c), jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
         losses = -picked if weights is None else -picked * weights
-        return jnp.sum(jnp.where(valid, losses, 0.0))
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / 3
 
-    fused = lambda z: model.softcapped_cross_entropy_sum(z, targets, weights, vocab)
-    want, want_grad = jax.value_and_grad(plain)(logits)
-    got, got_grad = jax.jit(jax.value_and_grad(fused))(logits)
+    fused = lambda x, w: model.head_loss_sum(x, w, targets, weights, vocab) / 3
+    want, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(x, w)
+    got, got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(x, w)
     assert float(got) == pytest.approx(float(want), rel=1e-6)
-    assert got_grad.dtype == dtype and not np.any(np.asarray(got_grad[..., vocab:], np.float32))
-    want_grad, got_grad = np.asarray(want_grad, np.float32), np.asarray(got_grad, np.float32)
-    assert np.linalg.norm(got_grad - want_grad) <= tol * np.linalg.norm(want_grad)
-    assert not np.any(got_grad[0, :3])  # ignored targets get no gradient
+    for got_d, want_d in zip(got_grads, want_grads):
+        assert got_d.dtype == dtype
+        want_d, got_d = np.asarray(want_d, np.float32), np.asarray(got_d, np.float32)
+        assert np.linalg.norm(got_d - want_d) <= tol * np.linalg.norm(want_d)
+    assert not np.any(np.asarray(got_grads[0][0, :3], np.float32))  # ignored targets pass no gradient back
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -221,10 +224,10 @@ def test_mlp_gradient_takes_the_relu_squared_derivative_from_its_output(dtype, t
 
 
 def test_loss_gradient_recomputes_the_softcap_instead_of_storing_it():
-    """The fused loss's backward pass recomputes tanh from the compute-dtype logits: compiled, the
-    gradient holds two tanh over the whole (B, T, V) logits, not one whose float32 result the
-    forward pass would store for the backward (8.6 GB per micro-step at d20)."""
-    logits, targets = jnp.zeros((4, 64, 256), jnp.bfloat16), jnp.zeros((4, 64), jnp.int32)
-    grad = jax.jit(jax.grad(lambda z: model.softcapped_cross_entropy_sum(z, targets, None, 250)))
-    hlo = grad.lower(logits).compile().as_text()
+    """The loss's two passes over the compute-dtype logits (log-sum-exp, then the gradient) each
+    compute tanh: compiled, the gradient holds two tanh over the whole (B, T, V) logits, not one
+    whose float32 result would be stored between them (8.6 GB per micro-step at d20)."""
+    x, w, targets = jnp.zeros((4, 64, 32), jnp.bfloat16), jnp.zeros((256, 32), jnp.bfloat16), jnp.zeros((4, 64), jnp.int32)
+    grad = jax.jit(jax.grad(lambda x: model.head_loss_sum(x, w, targets, None, 250)))
+    hlo = grad.lower(x).compile().as_text()
     assert len(re.findall(r"= f32\[4,64,250\]\{[0-9,]*\} tanh\(", hlo)) == 2
