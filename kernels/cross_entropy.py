@@ -8,8 +8,9 @@ the forward and an elementwise pass in the backward, and each recomputes the tan
 ms on an H200, against 1.0 + 2.6 ms for reading the logits once and reading and writing them once;
 `python -m kernels.bench_loss`).
 
-Here one program holds one whole row in registers: it reads z once, forms c once, reduces exp(c)
-to the log-sum-exp, and writes the gradient for a cotangent of 1 before the row leaves. The model
+Here a row is held whole in registers from its load to its gradient's store: z is read once, c
+formed once, exp(c) reduced to the log-sum-exp, and the gradient for a cotangent of 1 written. A
+program walks 64 rows and issues each row's load during the previous row's arithmetic. The model
 runs it in the forward pass under differentiation and keeps the gradient instead of the logits
 (`nanochat_jax.model.head_loss_sum`); the backward pass only scales the head's products by the
 cotangent.

@@ -542,8 +542,13 @@ def head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size: int):
     the backward pass scales the head's two products by the cotangent.
     """
     logits_BTP = linear(x_BTD, lm_head)
-    lse_BT = jnp.log(jnp.sum(jnp.exp(_softcap(logits_BTP[..., :vocab_size])), axis=-1))
+    lse_BT = _log_sum_exp(logits_BTP, vocab_size)
     return _loss_total(logits_BTP, lse_BT, targets_BT, _loss_coefficients(targets_BT, weights_BT))
+
+
+def _log_sum_exp(logits_BTP, vocab_size):
+    # |c| <= SOFTCAP, so exp(c) cannot overflow: a single pass with no running maximum.
+    return jnp.log(jnp.sum(jnp.exp(_softcap(logits_BTP[..., :vocab_size])), axis=-1))
 
 
 def _loss_coefficients(targets_BT, weights_BT):
@@ -573,8 +578,7 @@ def _softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size):
 
         return softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size, softcap=SOFTCAP,
                                              interpret=jax.default_backend() != "gpu")
-    # |c| <= SOFTCAP, so exp(c) cannot overflow: a single pass with no running maximum.
-    lse_BT = jnp.log(jnp.sum(jnp.exp(_softcap(logits_BTP[..., :vocab_size])), axis=-1))
+    lse_BT = _log_sum_exp(logits_BTP, vocab_size)
     # The barrier makes the second pass recompute the softcap's tanh: shared, XLA would store the
     # float32 tanh of every logit (8.6 GB at d20) between the two passes.
     logits_BTP, lse_BT = jax.lax.optimization_barrier((logits_BTP, lse_BT))
