@@ -72,6 +72,12 @@ def check_decode(B, S, T, H, K, D, window, dtype, seed):
     return {"out": rel_err(got, want)}
 
 
+def write_rows(path, rows):
+    """The benchmark's rows as JSON, with the device they ran on."""
+    with open(path, "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+
+
 def time_ms(fn, *args, reps=5, inner=10):
     jax.block_until_ready(fn(*args))  # compile + warm up
     jax.block_until_ready(fn(*args))

@@ -9,13 +9,12 @@ of calls after a warm-up (`kernels.bench.time_ms`). Prints a table, writes JSON.
 """
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
 from kernels import matmul_mgpu
-from kernels.bench import time_ms
+from kernels.bench import time_ms, write_rows
 from kernels.mosaic import on_hopper
 
 TOKENS = (32, 2048)
@@ -78,8 +77,7 @@ def main():
     rows = [r for s in shapes for r in measure(s, SHAPES[s])]
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+        write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

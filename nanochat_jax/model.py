@@ -578,6 +578,10 @@ def _softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size):
 
         return softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size, softcap=SOFTCAP,
                                              interpret=jax.default_backend() != "gpu")
+    return _softcapped_cross_entropy_grad_xla(logits_BTP, targets_BT, coef_BT, vocab_size)
+
+
+def _softcapped_cross_entropy_grad_xla(logits_BTP, targets_BT, coef_BT, vocab_size):
     lse_BT = _log_sum_exp(logits_BTP, vocab_size)
     # The barrier makes the second pass recompute the softcap's tanh: shared, XLA would store the
     # float32 tanh of every logit (8.6 GB at d20) between the two passes.
