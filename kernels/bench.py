@@ -72,6 +72,12 @@ def check_decode(B, S, T, H, K, D, window, dtype, seed):
     return {"out": rel_err(got, want)}
 
 
+def markdown_table(header, rows) -> str:
+    """A Markdown table: the header's names, then one line of cells per row."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in lines)
+
+
 def write_rows(path, rows):
     """The benchmark's rows as JSON, with the device they ran on."""
     with open(path, "w") as f:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import cross_entropy
-from kernels.bench import time_ms, write_rows
+from kernels.bench import markdown_table, time_ms, write_rows
 from nanochat_jax import model
 
 TOKENS = (32, 2048)
@@ -39,13 +39,12 @@ def measure(vocab: int):
 
 
 def table(rows):
-    out = ["| vocab | ours ms | XLA ms | ours / XLA | floor ms | lse max diff | grad max diff |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        out.append(f"| {r['vocab']} | {r['ms_ours']:.3f} | {r['ms_xla']:.3f} | {r['ms_ours'] / r['ms_xla']:.2f}x | "
-                   f"{r['ms_floor']:.3f} | {r['lse_max_abs_diff']:.1e} | {r['grad_max_abs_diff']:.1e} "
-                   f"(of {r['grad_max_abs']:.1e}) |")
-    return "\n".join(out)
+    header = ["vocab", "ours ms", "XLA ms", "ours / XLA", "floor ms", "lse max diff", "grad max diff"]
+    return markdown_table(header, [
+        [r["vocab"], f"{r['ms_ours']:.3f}", f"{r['ms_xla']:.3f}", f"{r['ms_ours'] / r['ms_xla']:.2f}x",
+         f"{r['ms_floor']:.3f}", f"{r['lse_max_abs_diff']:.1e}",
+         f"{r['grad_max_abs_diff']:.1e} (of {r['grad_max_abs']:.1e})"]
+        for r in rows])
 
 
 def main():

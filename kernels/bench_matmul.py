@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import matmul_mgpu
-from kernels.bench import time_ms, write_rows
+from kernels.bench import markdown_table, time_ms, write_rows
 from kernels.mosaic import on_hopper
 
 TOKENS = (32, 2048)
@@ -55,13 +55,11 @@ def measure(name, D):
 
 
 def table(rows):
-    out = ["| shape | op | ours ms | XLA ms | ours / XLA | ours TFLOP/s | XLA TFLOP/s | ours err | XLA err |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        out.append(f"| {r['shape']} | {r['op']} | {r['ms_ours']:.3f} | {r['ms_xla']:.3f} | "
-                   f"{r['ms_ours'] / r['ms_xla']:.2f}x | {r['tflops_ours']:.0f} | {r['tflops_xla']:.0f} | "
-                   f"{r['err_ours']:.1e} | {r['err_xla']:.1e} |")
-    return "\n".join(out)
+    header = ["shape", "op", "ours ms", "XLA ms", "ours / XLA", "ours TFLOP/s", "XLA TFLOP/s", "ours err", "XLA err"]
+    return markdown_table(header, [
+        [r["shape"], r["op"], f"{r['ms_ours']:.3f}", f"{r['ms_xla']:.3f}", f"{r['ms_ours'] / r['ms_xla']:.2f}x",
+         f"{r['tflops_ours']:.0f}", f"{r['tflops_xla']:.0f}", f"{r['err_ours']:.1e}", f"{r['err_xla']:.1e}"]
+        for r in rows])
 
 
 def main():

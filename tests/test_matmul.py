@@ -82,3 +82,13 @@ def test_bench_names_bad_shapes_and_refuses_without_hopper():
     if not ON_HOPPER:
         refused = run()
         assert refused.returncode == 1 and "needs a Hopper GPU" in refused.stderr
+
+
+def test_bench_table_is_markdown_with_one_line_per_row():
+    from kernels.bench_matmul import table
+
+    row = {"shape": "d20", "op": "relu_squared", "ms_ours": 1.25, "ms_xla": 1.5, "tflops_ours": 680.2,
+           "tflops_xla": 560.1, "err_ours": 2.9e-3, "err_xla": 6.3e-3}
+    lines = table([row, row]).split("\n")
+    assert len(lines) == 4 and lines[1] == "| " + " | ".join(["---"] * 9) + " |"
+    assert lines[2] == "| d20 | relu_squared | 1.250 | 1.500 | 0.83x | 680 | 560 | 2.9e-03 | 6.3e-03 |"
