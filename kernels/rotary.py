@@ -1,15 +1,20 @@
-"""Rotary embedding + QK-norm of the queries or keys in one pass (Pallas, Triton-style lowering).
+"""Rotary embedding + QK-norm of the queries and keys in one pass (Pallas, Triton-style lowering).
 
 The model's `rotary_qk_norm` computes y = scale * rms_norm(rotate(x)) per head of D channels. Left
 to XLA that is two passes over x forward (a reduction for the norm, then a second pass that
 rotates again and scales) and two backward (a reduction of g * y, then the inverse rotation).
-Each kernel here reads its inputs once and writes once: a program takes R rows of (batch,
-position, head) and holds each row's D channels in registers, so the norm's reduction never
-leaves the program. Same arithmetic as the jnp version in `nanochat_jax.model`: the rotation
-rounded to x's dtype, the norm in float32, the result rounded, then scaled in x's dtype.
+Each kernel here reads its inputs once and writes once: a program holds its rows of D channels in
+registers, so the norm's reduction never leaves the program. Same arithmetic as the jnp version in
+`nanochat_jax.model`: the rotation rounded to x's dtype, the norm in float32, the result rounded,
+then scaled in x's dtype.
 
-Layout: x (B, T, H, D) is read as (B, T*H, D); the rotary tables (T, D) are repeated per head once
-(T*H rows: 5 MB at T = 2048, H = 10), so a block of rows reads its angles as a block too.
+Layout: x (B, T, S, H, D) is the output of one product for S stacked projections (the queries
+and the keys, S = 2) or of one projection (S = 1). The forward pass writes S separate arrays
+(B, T, H, D), the layout attention reads; the backward pass reads their S gradients and writes one
+(B, T, S, H, D) gradient, the layout of the product's own backward. So the queries and keys share
+a product forward and a weight gradient backward (docs/perf_notes.md section 15) without a copy
+to split or join them. A program takes P positions of one head of one batch element, all S of
+them: P * S rows, with the tables' P rows read once for all.
 
 Sharding: both kernels keep the batch's and the heads' sharding and run on each device's rows
 (`kernels.partition.rows_parallel`).
@@ -25,120 +30,133 @@ from jax.experimental.pallas import triton as plt
 from kernels.partition import rows_parallel
 
 # 4 warps over 32 rows of 128: 32 values of each input per thread. Measured on the H200 at the d20
-# shape (ms, forward / backward): 16 rows 0.246 / 0.280, 32 rows 0.274 / 0.269, 128 rows 0.346 / 0.533
-# (register spills), XLA's two passes 0.435 / 0.408.
+# shape (ms, forward / backward, one projection per call): 16 rows 0.246 / 0.280, 32 rows
+# 0.274 / 0.269, 128 rows 0.346 / 0.533 (register spills), XLA's two passes 0.435 / 0.408.
 MAX_ROWS_PER_PROGRAM = 32
 
 
-def rows_per_program(T: int, H: int, max_rows: int) -> int:
-    """The largest power of two up to `max_rows` dividing T*H (blocks never straddle the end)."""
-    n = T * H
-    return min(max_rows, n & -n)
+def positions_per_program(T: int, S: int, max_rows: int) -> int:
+    """The largest power of two up to `max_rows` / S dividing T (blocks never straddle the end;
+    Triton blocks have power-of-two sides)."""
+    return min(max(max_rows // S, 1), T & -T)
 
 
-def _halves(ref):
+def _halves(ref, *index):
+    """The two halves of the last dimension of ref[index] (rows, D), in float32."""
     half = ref.shape[-1] // 2
-    return ref[:, :half].astype(jnp.float32), ref[:, half:].astype(jnp.float32)
+    rows = index or (slice(None),)
+    return ref[(*rows, slice(0, half))].astype(jnp.float32), ref[(*rows, slice(half, None))].astype(jnp.float32)
 
 
-def _fwd_kernel(x_ref, c_ref, s_ref, y_ref, inv_ref, *, scale, eps):
-    dtype = y_ref.dtype
-    half = x_ref.shape[-1] // 2
-    x1, x2 = _halves(x_ref)
+def _fwd_kernel(x_ref, c_ref, s_ref, *out_refs, scale, eps):
+    *y_refs, inv_ref = out_refs
     c1, c2 = _halves(c_ref)
     s1, s2 = _halves(s_ref)
-    # Rotation by the tables C = [cos, cos], S = [sin, -sin]: x * C + swap_halves(x) * S.
-    r1 = (x1 * c1 + x2 * s1).astype(dtype).astype(jnp.float32)
-    r2 = (x2 * c2 + x1 * s2).astype(dtype).astype(jnp.float32)
-    mean_sq = (jnp.sum(r1 * r1, axis=1) + jnp.sum(r2 * r2, axis=1)) / (2 * half)
-    inv = jax.lax.rsqrt(mean_sq + eps)
-    y_ref[:, :half] = (scale * (r1 * inv[:, None]).astype(dtype).astype(jnp.float32)).astype(dtype)
-    y_ref[:, half:] = (scale * (r2 * inv[:, None]).astype(dtype).astype(jnp.float32)).astype(dtype)
-    inv_ref[...] = inv
+    for s, y_ref in enumerate(y_refs):
+        dtype = y_ref.dtype
+        half = y_ref.shape[-1] // 2
+        x1, x2 = _halves(x_ref, slice(None), s)
+        # Rotation by the tables C = [cos, cos], S = [sin, -sin]: x * C + swap_halves(x) * S.
+        r1 = (x1 * c1 + x2 * s1).astype(dtype).astype(jnp.float32)
+        r2 = (x2 * c2 + x1 * s2).astype(dtype).astype(jnp.float32)
+        mean_sq = (jnp.sum(r1 * r1, axis=1) + jnp.sum(r2 * r2, axis=1)) / (2 * half)
+        inv = jax.lax.rsqrt(mean_sq + eps)
+        y_ref[:, :half] = (scale * (r1 * inv[:, None]).astype(dtype).astype(jnp.float32)).astype(dtype)
+        y_ref[:, half:] = (scale * (r2 * inv[:, None]).astype(dtype).astype(jnp.float32)).astype(dtype)
+        inv_ref[:, s] = inv
 
 
-def _bwd_kernel(g_ref, y_ref, inv_ref, c_ref, s_ref, dx_ref, *, scale):
-    half = g_ref.shape[-1] // 2
-    g1, g2 = _halves(g_ref)
-    y1, y2 = _halves(y_ref)
+def _bwd_kernel(*refs, scale):
+    *g_refs, inv_ref, c_ref, s_ref, dx_ref = refs
+    g_refs, y_refs = g_refs[: len(g_refs) // 2], g_refs[len(g_refs) // 2:]
+    half = dx_ref.shape[-1] // 2
     c1, c2 = _halves(c_ref)
     s1, s2 = _halves(s_ref)
-    g1, g2, n1, n2 = scale * g1, scale * g2, y1 / scale, y2 / scale
-    inv = inv_ref[...][:, None]
-    mean_gn = ((jnp.sum(g1 * n1, axis=1) + jnp.sum(g2 * n2, axis=1)) / (2 * half))[:, None]
-    d1, d2 = inv * (g1 - n1 * mean_gn), inv * (g2 - n2 * mean_gn)
-    # The inverse rotation: x * C - swap_halves(x) * S.
-    dx_ref[:, :half] = (d1 * c1 - d2 * s1).astype(dx_ref.dtype)
-    dx_ref[:, half:] = (d2 * c2 - d1 * s2).astype(dx_ref.dtype)
+    for s, (g_ref, y_ref) in enumerate(zip(g_refs, y_refs)):
+        g1, g2 = _halves(g_ref)
+        y1, y2 = _halves(y_ref)
+        g1, g2, n1, n2 = scale * g1, scale * g2, y1 / scale, y2 / scale
+        inv = inv_ref[:, s][:, None]
+        mean_gn = ((jnp.sum(g1 * n1, axis=1) + jnp.sum(g2 * n2, axis=1)) / (2 * half))[:, None]
+        d1, d2 = inv * (g1 - n1 * mean_gn), inv * (g2 - n2 * mean_gn)
+        # The inverse rotation: x * C - swap_halves(x) * S.
+        dx_ref[:, s, :half] = (d1 * c1 - d2 * s1).astype(dx_ref.dtype)
+        dx_ref[:, s, half:] = (d2 * c2 - d1 * s2).astype(dx_ref.dtype)
 
 
-def _specs(R, D):
-    """BlockSpecs on grid (row block i, batch b): rows (B, T*H, D), one float per row (B, T*H),
-    and the tables repeated per head (T*H, D)."""
-    rows = pl.BlockSpec((None, R, D), lambda i, b: (b, i, 0))
-    per_row = pl.BlockSpec((None, R), lambda i, b: (b, i))
-    table = pl.BlockSpec((R, D), lambda i, b: (i, 0))
-    return rows, per_row, table
+def _specs(P, S, D):
+    """BlockSpecs on grid (position block i, head h, batch b): the stacked rows (B, T, S, H, D), one
+    projection's rows (B, T, H, D), one float per row (B, T, S, H) and the tables (T, D)."""
+    stacked = pl.BlockSpec((None, P, S, None, D), lambda i, h, b: (b, i, 0, h, 0))
+    rows = pl.BlockSpec((None, P, None, D), lambda i, h, b: (b, i, h, 0))
+    per_row = pl.BlockSpec((None, P, S, None), lambda i, h, b: (b, i, 0, h))
+    table = pl.BlockSpec((P, D), lambda i, h, b: (i, 0))
+    return stacked, rows, per_row, table
 
 
-def _fwd_local(x_BTHD, C_TD, S_TD, *, scale, eps, max_rows, interpret):
-    B, T, H, D = x_BTHD.shape
-    R = rows_per_program(T, H, max_rows)
-    rows, per_row, table = _specs(R, D)
-    y, inv = pl.pallas_call(
+_PARAMS = plt.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _fwd_local(x_BTSHD, C_TD, S_TD, *, scale, eps, max_rows, interpret):
+    B, T, S, H, D = x_BTSHD.shape
+    P = positions_per_program(T, S, max_rows)
+    stacked, rows, per_row, table = _specs(P, S, D)
+    return pl.pallas_call(
         functools.partial(_fwd_kernel, scale=scale, eps=eps),
-        grid=(T * H // R, B),
-        in_specs=[rows, table, table],
-        out_specs=[rows, per_row],
-        out_shape=[jax.ShapeDtypeStruct((B, T * H, D), x_BTHD.dtype), jax.ShapeDtypeStruct((B, T * H), jnp.float32)],
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        grid=(T // P, H, B),
+        in_specs=[stacked, table, table],
+        out_specs=[rows] * S + [per_row],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, D), x_BTSHD.dtype)] * S
+        + [jax.ShapeDtypeStruct((B, T, S, H), jnp.float32)],
+        compiler_params=_PARAMS,
         interpret=interpret,
-    )(x_BTHD.reshape(B, T * H, D), jnp.repeat(C_TD, H, axis=0), jnp.repeat(S_TD, H, axis=0))
-    return y.reshape(B, T, H, D), inv.reshape(B, T, H)
+    )(x_BTSHD, C_TD, S_TD)
 
 
-def _bwd_local(g_BTHD, y_BTHD, inv_BTH, C_TD, S_TD, *, scale, max_rows, interpret):
-    B, T, H, D = g_BTHD.shape
-    R = rows_per_program(T, H, max_rows)
-    rows, per_row, table = _specs(R, D)
-    dx = pl.pallas_call(
+def _bwd_local(*args, scale, max_rows, interpret):
+    *gy, inv_BTSH, C_TD, S_TD = args
+    B, T, S, H = inv_BTSH.shape
+    D = C_TD.shape[-1]
+    P = positions_per_program(T, S, max_rows)
+    stacked, rows, per_row, table = _specs(P, S, D)
+    return pl.pallas_call(
         functools.partial(_bwd_kernel, scale=scale),
-        grid=(T * H // R, B),
-        in_specs=[rows, rows, per_row, table, table],
-        out_specs=rows,
-        out_shape=jax.ShapeDtypeStruct((B, T * H, D), g_BTHD.dtype),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        grid=(T // P, H, B),
+        in_specs=[rows] * (2 * S) + [per_row, table, table],
+        out_specs=stacked,
+        out_shape=jax.ShapeDtypeStruct((B, T, S, H, D), gy[0].dtype),
+        compiler_params=_PARAMS,
         interpret=interpret,
-    )(g_BTHD.reshape(B, T * H, D), y_BTHD.reshape(B, T * H, D), inv_BTH.reshape(B, T * H),
-      jnp.repeat(C_TD, H, axis=0), jnp.repeat(S_TD, H, axis=0))
-    return dx.reshape(B, T, H, D)
+    )(*gy, inv_BTSH, C_TD, S_TD)
 
 
 @functools.lru_cache(maxsize=None)
-def _fwd_fn(scale, eps, max_rows, interpret):
-    def local(x, C, S):  # positional arguments only: custom_partitioning resolves no keywords
-        return _fwd_local(x, C, S, scale=scale, eps=eps, max_rows=max_rows, interpret=interpret)
+def _fwd_fn(S, scale, eps, max_rows, interpret):
+    def local(x, C, S_table):  # positional arguments only: custom_partitioning resolves no keywords
+        return tuple(_fwd_local(x, C, S_table, scale=scale, eps=eps, max_rows=max_rows, interpret=interpret))
 
-    return rows_parallel(local, ("bthd", "td", "td"), ("bthd", "bth"))
+    return rows_parallel(local, ("btshd", "td", "td"), ("bthd",) * S + ("btsh",))
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_fn(scale, max_rows, interpret):
-    def local(g, y, inv, C, S):
-        return _bwd_local(g, y, inv, C, S, scale=scale, max_rows=max_rows, interpret=interpret)
+def _bwd_fn(S, scale, max_rows, interpret):
+    def local(*args):
+        return _bwd_local(*args, scale=scale, max_rows=max_rows, interpret=interpret)
 
-    return rows_parallel(local, ("bthd", "bthd", "bth", "td", "td"), ("bthd",))
+    return rows_parallel(local, ("bthd",) * (2 * S) + ("btsh", "td", "td"), ("btshd",))
 
 
-def rotary_qk_norm_fwd(x_BTHD, C_TD, S_TD, *, scale: float, eps: float, max_rows: int = MAX_ROWS_PER_PROGRAM,
+def rotary_qk_norm_fwd(x_BTSHD, C_TD, S_TD, *, scale: float, eps: float, max_rows: int = MAX_ROWS_PER_PROGRAM,
                        interpret: bool = False):
-    """(y, inv_rms): y = scale * rms_norm(rotate(x)) in x's dtype, inv_rms (B, T, H, 1) float32.
-    C and S are the model's rotary tables (T, D) for positions 0 ... T-1."""
-    y, inv = _fwd_fn(float(scale), float(eps), max_rows, interpret)(x_BTHD, C_TD, S_TD)
-    return y, inv[..., None]
+    """(ys, inv_rms): ys the S arrays (B, T, H, D) y = scale * rms_norm(rotate(x[:, :, s])) in x's
+    dtype, inv_rms (B, T, S, H, 1) float32. C and S are the model's rotary tables (T, D) for
+    positions 0 ... T-1."""
+    *ys, inv = _fwd_fn(x_BTSHD.shape[2], float(scale), float(eps), max_rows, interpret)(x_BTSHD, C_TD, S_TD)
+    return tuple(ys), inv[..., None]
 
 
-def rotary_qk_norm_bwd(g_BTHD, y_BTHD, inv_rms_BTH1, C_TD, S_TD, *, scale: float,
+def rotary_qk_norm_bwd(gs, ys, inv_rms_BTSH1, C_TD, S_TD, *, scale: float,
                        max_rows: int = MAX_ROWS_PER_PROGRAM, interpret: bool = False):
-    """The gradient with respect to x, from the output y and inv_rms that the forward returned."""
-    return _bwd_fn(float(scale), max_rows, interpret)(g_BTHD, y_BTHD, inv_rms_BTH1[..., 0], C_TD, S_TD)
+    """The gradient (B, T, S, H, D) with respect to x, from the S outputs' gradients `gs` and the
+    outputs `ys` and inv_rms that the forward returned."""
+    return _bwd_fn(len(gs), float(scale), max_rows, interpret)(*gs, *ys, inv_rms_BTSH1[..., 0], C_TD, S_TD)

@@ -157,68 +157,70 @@ def rotary_tables(cos, sin):
     return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, -sin], axis=-1)
 
 
-def _rotate(x_BTHD, C, S, inverse=False):
+def _rotate(x_BTSHD, C, S, inverse=False):
     """Rotation by -theta on the two halves of each head (the reference's convention): first half
     x1 cos + x2 sin, second half x2 cos - x1 sin; `inverse` rotates back (the transpose). Written
     as one elementwise expression with a roll, not halves and a concatenation, so forward and
     backward each stay one fused pass."""
-    C, S = C[..., None, :], S[..., None, :]  # one angle for all heads
-    swapped = jnp.roll(x_BTHD, x_BTHD.shape[-1] // 2, axis=-1)
-    return x_BTHD * C - swapped * S if inverse else x_BTHD * C + swapped * S
+    C, S = C[..., None, None, :], S[..., None, None, :]  # one angle for all projections and heads
+    swapped = jnp.roll(x_BTSHD, x_BTSHD.shape[-1] // 2, axis=-1)
+    return x_BTSHD * C - swapped * S if inverse else x_BTSHD * C + swapped * S
 
 
 @jax.custom_vjp
-def rotary_qk_norm(x_BTHD, C, S):
-    """QK_SCALE * rms_norm(rotate(x)): the queries' and keys' rotary embedding and QK-norm, with a
-    hand-written backward pass from the output (which attention keeps anyway) and one float32
-    scale per head: the norm's gradient is one reduction and the rotation's is the inverse
-    rotation. jax's own transpose split the heads into halves and kept the unrotated input too
-    (d20: 8% of a micro-step; 1.7 GB of peak memory)."""
-    return _rotary_qk_norm_fwd(x_BTHD, C, S)[0]
+def rotary_qk_norm(x_BTSHD, C, S):
+    """QK_SCALE * rms_norm(rotate(x)) for S stacked projections (B, T, S, H, D): the queries' and
+    keys' rotary embedding and QK-norm, returned as S arrays (B, T, H, D). The hand-written
+    backward pass works from the outputs (which attention keeps anyway) and one float32 scale per
+    head: the norm's gradient is one reduction and the rotation's is the inverse rotation. jax's
+    own transpose split the heads into halves and kept the unrotated input too (d20: 8% of a
+    micro-step; 1.7 GB of peak memory)."""
+    return _rotary_qk_norm_fwd(x_BTSHD, C, S)[0]
 
 
-def _rotary_kernel_applies(x_BTHD, C):
+def _rotary_kernel_applies(x, C):
     """On a GPU, with one table row per position 0 ... T-1 (training, evaluation, prefill; not
     decoding rows at their own positions), rotary + QK-norm runs as the one-pass Pallas kernels
     of `kernels/rotary.py` (measured: d20 training +1.2% tokens/s, d12 +1.5%). Interpreted only
     where a test switches them on off a GPU."""
-    D = x_BTHD.shape[-1]
+    D = x.shape[-1]
     return jax.default_backend() == "gpu" and C.ndim == 2 and D & (D - 1) == 0
 
 
-def _rotary_qk_norm_fwd(x_BTHD, C, S):
-    if _rotary_kernel_applies(x_BTHD, C):
+def _rotary_qk_norm_fwd(x_BTSHD, C, S):
+    if _rotary_kernel_applies(x_BTSHD, C):
         from kernels.rotary import rotary_qk_norm_fwd
 
-        y, inv_rms = rotary_qk_norm_fwd(x_BTHD, C, S, scale=QK_SCALE, eps=float(jnp.finfo(x_BTHD.dtype).eps),
-                                        interpret=jax.default_backend() != "gpu")
-        return y, (y, inv_rms, C, S)
-    return _rotary_qk_norm_xla_fwd(x_BTHD, C, S)
+        ys, inv_rms = rotary_qk_norm_fwd(x_BTSHD, C, S, scale=QK_SCALE, eps=float(jnp.finfo(x_BTSHD.dtype).eps),
+                                         interpret=jax.default_backend() != "gpu")
+        return ys, (ys, inv_rms, C, S)
+    return _rotary_qk_norm_xla_fwd(x_BTSHD, C, S)
 
 
-def _rotary_qk_norm_bwd(residuals, g_BTHD):
-    y, inv_rms, C, S = residuals
-    if _rotary_kernel_applies(y, C):
+def _rotary_qk_norm_bwd(residuals, gs):
+    ys, inv_rms, C, S = residuals
+    if _rotary_kernel_applies(ys[0], C):
         from kernels.rotary import rotary_qk_norm_bwd
 
-        return rotary_qk_norm_bwd(g_BTHD, y, inv_rms, C, S, scale=QK_SCALE,
+        return rotary_qk_norm_bwd(gs, ys, inv_rms, C, S, scale=QK_SCALE,
                                   interpret=jax.default_backend() != "gpu"), None, None
-    return _rotary_qk_norm_xla_bwd(residuals, g_BTHD)
+    return _rotary_qk_norm_xla_bwd(residuals, gs)
 
 
-def _rotary_qk_norm_xla_fwd(x_BTHD, C, S):
-    r = _rotate(x_BTHD, C, S).astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(r * r, axis=-1, keepdims=True) + jnp.finfo(x_BTHD.dtype).eps)
-    y = QK_SCALE * (r * inv_rms).astype(x_BTHD.dtype)  # the ops of rms_norm, then the scale
-    return y, (y, inv_rms, C, S)
+def _rotary_qk_norm_xla_fwd(x_BTSHD, C, S):
+    r = _rotate(x_BTSHD, C, S).astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(r * r, axis=-1, keepdims=True) + jnp.finfo(x_BTSHD.dtype).eps)
+    y = QK_SCALE * (r * inv_rms).astype(x_BTSHD.dtype)  # the ops of rms_norm, then the scale
+    ys = tuple(y[:, :, s] for s in range(y.shape[2]))
+    return ys, (ys, inv_rms, C, S)
 
 
-def _rotary_qk_norm_xla_bwd(residuals, g_BTHD):
-    y, inv_rms, C, S = residuals
-    g = QK_SCALE * g_BTHD.astype(jnp.float32)
-    n = y.astype(jnp.float32) / QK_SCALE
+def _rotary_qk_norm_xla_bwd(residuals, gs):
+    ys, inv_rms, C, S = residuals
+    g = QK_SCALE * jnp.stack(gs, axis=2).astype(jnp.float32)
+    n = jnp.stack(ys, axis=2).astype(jnp.float32) / QK_SCALE
     dr = inv_rms * (g - n * jnp.mean(g * n, axis=-1, keepdims=True))
-    return _rotate(dr, C.astype(jnp.float32), S.astype(jnp.float32), inverse=True).astype(y.dtype), None, None
+    return _rotate(dr, C.astype(jnp.float32), S.astype(jnp.float32), inverse=True).astype(ys[0].dtype), None, None
 
 
 rotary_qk_norm.defvjp(_rotary_qk_norm_fwd, _rotary_qk_norm_bwd)
@@ -227,6 +229,12 @@ rotary_qk_norm.defvjp(_rotary_qk_norm_fwd, _rotary_qk_norm_bwd)
 def linear(x, w_OI):
     """x @ W.T for a weight kept in (out, in) orientation."""
     return jnp.einsum("...i,oi->...o", x, w_OI)
+
+
+def _stacked_linear(x_BTI, ws_OI, head_dim: int):
+    """x @ W.T for each of the same-shaped weights in `ws_OI`, as one product: (B, T, S, H, head_dim)."""
+    B, T, _ = x_BTI.shape
+    return jnp.einsum("bti,soi->btso", x_BTI, jnp.stack(ws_OI)).reshape(B, T, len(ws_OI), -1, head_dim)
 
 
 class KVCache(NamedTuple):
@@ -258,14 +266,19 @@ def _attention_block(x_BTD, layer, ve_BTK, rotary, p, config, window, backend, c
     B, T, _ = x_BTD.shape
     H, K, hd = config.n_head, config.n_kv_head, config.head_dim
     blk = p["blocks"]
-    q = linear(x_BTD, blk["attn_q"][layer]).reshape(B, T, H, hd)
-    k = linear(x_BTD, blk["attn_k"][layer]).reshape(B, T, K, hd)
+    # Queries and keys from one product when they have the same width (no GQA): its weight
+    # gradient is one product twice as wide, where each alone has too few output tiles for the
+    # GPU (docs/perf_notes.md section 15). The rotary kernels split and join them for free.
+    groups = [("attn_q", "attn_k")] if H == K else [("attn_q",), ("attn_k",)]
+    qk = []
+    for names in groups:
+        qk += rotary_qk_norm(_stacked_linear(x_BTD, [blk[n][layer] for n in names], hd), *rotary)
+    q, k = qk
     v = linear(x_BTD, blk["attn_v"][layer]).reshape(B, T, K, hd)
     if ve_BTK is not None:
         ve_index = config.value_embedding_layers.index(layer)
         gate_BTK = 3 * jax.nn.sigmoid(linear(x_BTD[..., :VE_GATE_CHANNELS], blk["ve_gate"][ve_index]))
         v = v + gate_BTK[..., None] * ve_BTK.reshape(B, T, K, hd)
-    q, k = rotary_qk_norm(q, *rotary), rotary_qk_norm(k, *rotary)
     if cache_kv is None:
         y = attn_lib.attention(q, k, v, window=window, backend=backend)
     else:

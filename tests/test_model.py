@@ -175,25 +175,29 @@ def test_head_loss_matches_autodiff_of_the_plain_formula(dtype, tol, weighted):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_rotary_qk_norm_forward_and_gradient(dtype):
-    """The fused rotary + QK-norm: forward bitwise equal to rotating the two halves and normalizing
-    (the reference's order of operations), gradient equal to jax's own gradient of that formula
-    (training positions (T,) and decoding positions (B, T))."""
+    """The fused rotary + QK-norm of stacked queries and keys (B, T, 2, H, hd): each output bitwise
+    equal to rotating the two halves and normalizing (the reference's order of operations), the
+    gradient equal to jax's own gradient of that formula (training positions (T,) and decoding
+    positions (B, T))."""
     B, T, H, hd = 2, 5, 3, 8
-    x = jax.random.normal(jax.random.key(0), (B, T, H, hd)).astype(dtype)
-    g = jax.random.normal(jax.random.key(1), (B, T, H, hd)).astype(dtype)
+    x = jax.random.normal(jax.random.key(0), (B, T, 2, H, hd)).astype(dtype)
+    g = tuple(jax.random.normal(jax.random.key(1 + s), (B, T, H, hd)).astype(dtype) for s in range(2))
 
     def plain(x, cos, sin):
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-        cos, sin = cos[..., None, :], sin[..., None, :]
+        cos, sin = cos[..., None, None, :], sin[..., None, None, :]
         rotated = jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
-        return model.rms_norm(rotated) * model.QK_SCALE
+        y = model.rms_norm(rotated) * model.QK_SCALE
+        return y[:, :, 0], y[:, :, 1]
 
     for positions in (jnp.arange(T), jnp.arange(B * T).reshape(B, T) + 7):
         cos, sin = model.rotary_cos_sin(positions, hd, dtype)
         fused = lambda x: model.rotary_qk_norm(x, *model.rotary_tables(cos, sin))
         want, want_vjp = jax.vjp(lambda x: plain(x, cos, sin), x)
         got, got_vjp = jax.vjp(fused, x)
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        assert len(got) == 2
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
         want_dx = np.asarray(want_vjp(g)[0], np.float32)
         got_dx = np.asarray(got_vjp(g)[0], np.float32)
         tol = 1e-6 if dtype == jnp.float32 else 1e-2
