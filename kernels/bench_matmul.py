@@ -21,8 +21,8 @@ TOKENS = (32, 2048)
 SHAPES = {"d12": 768, "d20": 1280, "d26": 1664}  # model width D: the products are D -> 4D
 
 
-def xla_relu_squared(x, w):
-    return jnp.square(jax.nn.relu(x @ w))
+def xla_relu_squared(x, w_NK):
+    return jnp.square(jax.nn.relu(x @ w_NK.T))
 
 
 def xla_relu_squared_grad(g, w, a):
@@ -39,7 +39,8 @@ def measure(name, D):
     w = (jax.random.normal(keys[1], (D, 4 * D)) * D ** -0.5).astype(jnp.bfloat16)
     a = jnp.square(jax.nn.relu(jax.random.normal(keys[2], (*TOKENS, 4 * D), jnp.bfloat16)))
     h = jnp.einsum("btk,kn->btn", x, w, preferred_element_type=jnp.float32)
-    cases = [("relu_squared", (x, w), jnp.square(jax.nn.relu(h)), matmul_mgpu.relu_squared_matmul,
+    w_NK = w.T  # the forward's weight in the model's (out, in) orientation (an array of its own)
+    cases = [("relu_squared", (x, w_NK), jnp.square(jax.nn.relu(h)), matmul_mgpu.relu_squared_matmul,
               xla_relu_squared),
              ("relu_squared_grad", (x, w, a), h * 2 * jnp.sqrt(a.astype(jnp.float32)),
               matmul_mgpu.relu_squared_grad_matmul, xla_relu_squared_grad)]

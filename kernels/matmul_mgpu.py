@@ -7,7 +7,9 @@ third kernel forms dH = dA · 2 sqrt(A). Each pass reads and writes 0.7 GB per d
 layer (`docs/perf_notes.md`). Here the product's float32 accumulator gets that step in registers
 before its only store:
 
-- `relu_squared_matmul(x, w)`: relu(x @ w)², the MLP's hidden activation A;
+- `relu_squared_matmul(x, w)`: relu(x @ w.T)², the MLP's hidden activation A, for w in the
+  model's (out, in) orientation: wgmma reads its tiles through a transposed view of shared
+  memory, so the weight is never transposed in HBM;
 - `relu_squared_grad_matmul(g, w, a)`: (g @ w) · 2 sqrt(a), the gradient at the MLP's
   pre-activation, from the output gradient g, the output projection w and the saved A.
 
@@ -73,10 +75,12 @@ def _sm_count() -> int:
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-@functools.partial(jax.jit, static_argnames=("epilogue", "tiles"))
-def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
-    """epilogue(a @ b [, c]) for a (M, K), b (K, N), c None or (M, N); the result in a's dtype."""
-    (M, K), N = a.shape, b.shape[1]
+@functools.partial(jax.jit, static_argnames=("epilogue", "tiles", "b_transposed"))
+def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles, b_transposed: bool):
+    """epilogue(a @ b [, c]) for a (M, K), b (K, N) or, `b_transposed`, (N, K) for a @ b.T, c None
+    or (M, N); the result in a's dtype."""
+    M, K = a.shape
+    N = b.shape[0] if b_transposed else b.shape[1]
     tm, tn, tk = tiles.rows, tiles.cols, tiles.depth
     m_tiles, n_tiles, k_steps = M // tm, N // (COMPUTE_WGS * tn), K // tk
     pieces = [(i, j) for i in range(tm // PIECE) for j in range(tn // PIECE)]
@@ -88,7 +92,9 @@ def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
 
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_steps,), memory_registers=40,
-            in_specs=[spec((tm, tk), lambda k: (0, k)), spec((tk, COMPUTE_WGS * tn), lambda k: (k, 0))],
+            in_specs=[spec((tm, tk), lambda k: (0, k)),
+                      spec((COMPUTE_WGS * tn, tk), lambda k: (0, k)) if b_transposed
+                      else spec((tk, COMPUTE_WGS * tn), lambda k: (k, 0))],
             wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=tiles.stages,
             compute_context=compute_context)
 
@@ -142,13 +148,15 @@ def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
                             plgpu.copy_smem_to_gmem(tile_smem.at[wg, p], piece(out_gmem, p))
 
                 def mma(_, a_smem, b_smem, acc_ref):
-                    plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg * tn, tn)])
+                    my_b = pl.ds(wg * tn, tn)
+                    b_kn = plgpu.transpose_ref(b_smem.at[my_b, :], (1, 0)) if b_transposed else b_smem.at[:, my_b]
+                    plgpu.wgmma(acc_ref, a_smem, b_kn)
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
-                pipeline(mma, compute_context)(a_gmem.at[rows, :],
-                                               b_gmem.at[:, pl.ds(ni * COMPUTE_WGS * tn, COMPUTE_WGS * tn)],
-                                               allocations=ring)
+                tile_cols = pl.ds(ni * COMPUTE_WGS * tn, COMPUTE_WGS * tn)
+                b_tile = b_gmem.at[tile_cols, :] if b_transposed else b_gmem.at[:, tile_cols]
+                pipeline(mma, compute_context)(a_gmem.at[rows, :], b_tile, allocations=ring)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -161,24 +169,26 @@ def _matmul(a, b, c, *, epilogue, tiles: MatmulTiles):
     return kernel(a, b, c)
 
 
-def _check(x, w):
-    if x.ndim != 3 or w.ndim != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(f"expected x (B, T, K) and w (K, N); got {x.shape}, {w.shape}")
+def _check(x, w, transposed: bool):
+    w_shape = "(N, K)" if transposed else "(K, N)"
+    if x.ndim != 3 or w.ndim != 2 or w.shape[1 if transposed else 0] != x.shape[-1]:
+        raise ValueError(f"expected x (B, T, K) and w {w_shape}; got {x.shape}, {w.shape}")
     M, K = x.shape[0] * x.shape[1], x.shape[-1]
+    N = w.shape[0 if transposed else 1]
     if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"x and w must share one dtype, bf16 or fp16; got {x.dtype}, {w.dtype}")
-    if M % TILES.rows or K % TILES.depth or w.shape[1] % (COMPUTE_WGS * TILES.cols):
-        raise ValueError(f"B·T={M}, K={K}, N={w.shape[1]} must divide by the tiles "
+    if M % TILES.rows or K % TILES.depth or N % (COMPUTE_WGS * TILES.cols):
+        raise ValueError(f"B·T={M}, K={K}, N={N} must divide by the tiles "
                          f"({TILES.rows}, {TILES.depth}, {COMPUTE_WGS * TILES.cols})")
 
 
-def supported(x, w) -> bool:
-    """Whether these kernels run for x (B, T, K) @ w (K, N): a Hopper GPU, bf16 or fp16, and
-    B·T, K and N multiples of the tiles."""
+def supported(x, w, *, transposed: bool = False) -> bool:
+    """Whether these kernels run for x (B, T, K) @ w (K, N), or @ w.T for w (N, K) `transposed`:
+    a Hopper GPU, bf16 or fp16, and B·T, K and N multiples of the tiles."""
     if not on_hopper():
         return False
     try:
-        _check(x, w)
+        _check(x, w, transposed)
     except ValueError:
         return False
     return True
@@ -188,26 +198,26 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
-@functools.partial(rows_parallel, in_dims=("bti", "io"), out_dims=("bto",))
+@functools.partial(rows_parallel, in_dims=("bti", "oi"), out_dims=("bto",))
 def _relu_squared_matmul(x, w):
-    return _matmul(_flat(x), w, None, epilogue=relu_squared, tiles=TILES).reshape(*x.shape[:2], -1)
+    return _matmul(_flat(x), w, None, epilogue=relu_squared, tiles=TILES, b_transposed=True).reshape(*x.shape[:2], -1)
 
 
 @functools.partial(rows_parallel, in_dims=("bto", "oi", "bti"), out_dims=("bti",))
 def _relu_squared_grad_matmul(g, w, a):
-    return _matmul(_flat(g), w, _flat(a), epilogue=relu_squared_grad, tiles=TILES).reshape(a.shape)
+    return _matmul(_flat(g), w, _flat(a), epilogue=relu_squared_grad, tiles=TILES, b_transposed=False).reshape(a.shape)
 
 
 def relu_squared_matmul(x, w):
-    """relu(x @ w)² for x (B, T, K), w (K, N), in x's dtype (float32 accumulation, one rounding)."""
-    _check(x, w)
+    """relu(x @ w.T)² for x (B, T, K), w (N, K), in x's dtype (float32 accumulation, one rounding)."""
+    _check(x, w, transposed=True)
     return _relu_squared_matmul(x, w)
 
 
 def relu_squared_grad_matmul(g, w, a):
     """(g @ w) · 2 sqrt(a) for g (B, T, K), w (K, N) and a (B, T, N) >= 0: the gradient at the
     pre-activation h of a = relu(h)², from the gradient g of the product a @ w.T."""
-    _check(g, w)
+    _check(g, w, transposed=False)
     if a.shape != (*g.shape[:2], w.shape[1]) or a.dtype != g.dtype:
         raise ValueError(f"a must be {(*g.shape[:2], w.shape[1])} in {g.dtype}; got {a.shape} {a.dtype}")
     return _relu_squared_grad_matmul(g, w, a)

@@ -308,20 +308,20 @@ def mlp(x_BTD, w_fc, w_proj):
     return linear(_relu_squared_product(x_BTD, w_fc), w_proj)
 
 
-def _mlp_kernels_apply(x_BTK, w_KN):
-    """Whether x @ w runs as a `kernels/matmul_mgpu.py` kernel: on Hopper, for training- and
-    evaluation-sized inputs (decoding's few rows take the XLA path)."""
+def _mlp_kernels_apply(x_BTK, w, transposed=False):
+    """Whether x @ w (x @ w.T if `transposed`) runs as a `kernels/matmul_mgpu.py` kernel: on
+    Hopper, for training- and evaluation-sized inputs (decoding's few rows take the XLA path)."""
     from kernels import matmul_mgpu
 
-    return matmul_mgpu.supported(x_BTK, w_KN)
+    return matmul_mgpu.supported(x_BTK, w, transposed=transposed)
 
 
 def _relu_squared_product(x_BTD, w_fc):
     """a = relu(x W_fc^T)²."""
-    if _mlp_kernels_apply(x_BTD, w_fc.T):
+    if _mlp_kernels_apply(x_BTD, w_fc, transposed=True):
         from kernels.matmul_mgpu import relu_squared_matmul
 
-        return relu_squared_matmul(x_BTD, w_fc.T)
+        return relu_squared_matmul(x_BTD, w_fc)
     return jnp.square(jax.nn.relu(linear(x_BTD, w_fc)))
 
 

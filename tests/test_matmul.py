@@ -30,7 +30,7 @@ def test_epilogues_match_float32_products(B, T, K, N):
     whose a is 0 get an exact 0 gradient (no 0 · inf), and tiles past the first are written."""
     x, w, a = _inputs(B, T, K, N)
     h = jnp.einsum("btk,kn->btn", x, w, preferred_element_type=jnp.float32)
-    got = matmul_mgpu.relu_squared_matmul(x, w)
+    got = matmul_mgpu.relu_squared_matmul(x, w.T)  # the weight in (out, in) orientation
     assert got.shape == (B, T, N) and got.dtype == jnp.bfloat16
     assert _max_rel(got, jnp.square(jax.nn.relu(h))) <= BF16_STEP
     got = matmul_mgpu.relu_squared_grad_matmul(x, w, a)
@@ -46,7 +46,7 @@ def test_model_mlp_with_kernels_matches_the_xla_path():
     x, w, _ = _inputs(2, 256, 256, 1024)
     w_fc, w_proj = w.T, (jax.random.normal(jax.random.key(5), (256, 1024)) * 0.03).astype(jnp.bfloat16)
     g = jax.random.normal(jax.random.key(6), x.shape, jnp.bfloat16)
-    assert model._mlp_kernels_apply(x, w_fc.T)
+    assert model._mlp_kernels_apply(x, w_fc, transposed=True)
     got, got_vjp = jax.vjp(jax.jit(model.mlp), x, w_fc, w_proj)
     plain = lambda x, w_fc, w_proj: model.linear(jnp.square(jax.nn.relu(model.linear(x, w_fc))), w_proj)
     want, want_vjp = jax.vjp(plain, x, w_fc, w_proj)
@@ -59,16 +59,19 @@ def test_model_mlp_with_kernels_matches_the_xla_path():
 def test_kernels_reject_what_they_cannot_run():
     x, w, a = _inputs(1, 128, 64, 256)
     with pytest.raises(ValueError, match="expected x"):
-        matmul_mgpu.relu_squared_matmul(x[0], w)
-    with pytest.raises(ValueError, match="expected x"):
-        matmul_mgpu.relu_squared_matmul(x, w[:32])
+        matmul_mgpu.relu_squared_matmul(x[0], w.T)
+    with pytest.raises(ValueError, match=r"expected x \(B, T, K\) and w \(N, K\)"):
+        matmul_mgpu.relu_squared_matmul(x, w)
+    with pytest.raises(ValueError, match=r"and w \(K, N\)"):
+        matmul_mgpu.relu_squared_grad_matmul(x, w.T, a)
     with pytest.raises(ValueError, match="dtype"):
-        matmul_mgpu.relu_squared_matmul(x.astype(jnp.float32), w.astype(jnp.float32))
+        matmul_mgpu.relu_squared_matmul(x.astype(jnp.float32), w.T.astype(jnp.float32))
     with pytest.raises(ValueError, match="divide"):
-        matmul_mgpu.relu_squared_matmul(x[:, :100], w)
+        matmul_mgpu.relu_squared_matmul(x[:, :100], w.T)
     with pytest.raises(ValueError, match="a must be"):
         matmul_mgpu.relu_squared_grad_matmul(x, w, a[:, :64])
     assert not matmul_mgpu.supported(x[:, :100], w)
+    assert not matmul_mgpu.supported(x, w, transposed=True)
     assert not matmul_mgpu.supported(x.astype(jnp.float32), w.astype(jnp.float32))
 
 
