@@ -12,8 +12,8 @@ Layout: x (B, T, S, H, D) is the output of one product for S stacked projections
 and the keys, S = 2) or of one projection (S = 1). The forward pass writes S separate arrays
 (B, T, H, D), the layout attention reads; the backward pass reads their S gradients and writes one
 (B, T, S, H, D) gradient, the layout of the product's own backward. So the queries and keys share
-a product forward and a weight gradient backward (docs/perf_notes.md section 15) without a copy
-to split or join them. A program takes P positions of one head of one batch element, all S of
+one product forward and backward (docs/perf_notes.md section 15) without a copy to split or join
+them. A program takes P positions of one head of one batch element, all S of
 them: P * S rows, with the tables' P rows read once for all.
 
 Sharding: both kernels keep the batch's and the heads' sharding and run on each device's rows
