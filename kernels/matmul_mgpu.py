@@ -15,10 +15,11 @@ before its only store:
 
 One persistent program per SM walks the output tiles (a snake order that keeps a band of b's
 columns in L2). Each has three warpgroups: a memory warpgroup streams (rows × depth) blocks of
-a and (depth × 2·cols) blocks of b through a ring of shared-memory slots, and two compute
-warpgroups each own one (rows × cols) half of the tile (wgmma into a float32 accumulator). The
-epilogue runs on 64 × 64 pieces of the accumulator and stores through shared memory by TMA;
-an epilogue input (a's tile for the gradient) is fetched while the products run.
+a and (depth × 2·cols) blocks of b ((2·cols × depth) of a stored (N, K) weight) through a ring
+of shared-memory slots, and two compute warpgroups each own one (rows × cols) half of the tile
+(wgmma into a float32 accumulator). The epilogue runs on 64 × 64 pieces of the accumulator and
+stores through shared memory by TMA; an epilogue input (a's tile for the gradient) is fetched
+while the products run.
 
 Like `kernels/attention_mgpu.py`, these run only on a Hopper GPU (no CPU interpreter for
 Mosaic GPU) and are checked there against the XLA expression (`tests/test_matmul.py`,

@@ -13,8 +13,8 @@ and the keys, S = 2) or of one projection (S = 1). The forward pass writes S sep
 (B, T, H, D), the layout attention reads; the backward pass reads their S gradients and writes one
 (B, T, S, H, D) gradient, the layout of the product's own backward. So the queries and keys share
 one product forward and backward (docs/perf_notes.md section 15) without a copy to split or join
-them. A program takes P positions of one head of one batch element, all S of
-them: P * S rows, with the tables' P rows read once for all.
+them. A program takes P positions of one head of one batch element, all S projections of them:
+P * S rows, with the tables' P rows read once for all.
 
 Sharding: both kernels keep the batch's and the heads' sharding and run on each device's rows
 (`kernels.partition.rows_parallel`).
@@ -30,8 +30,9 @@ from jax.experimental.pallas import triton as plt
 from kernels.partition import rows_parallel
 
 # 4 warps over 32 rows of 128: 32 values of each input per thread. Measured on the H200 at the d20
-# shape (ms, forward / backward, one projection per call): 16 rows 0.246 / 0.280, 32 rows
-# 0.274 / 0.269, 128 rows 0.346 / 0.533 (register spills), XLA's two passes 0.435 / 0.408.
+# shape, queries and keys together (ms, forward / backward; kernels/results/rotary_stacked_run9.json):
+# 8 rows 0.218 / 0.213, 32 rows 0.202 / 0.192. An earlier sweep with one projection: 128 rows
+# spilled registers (0.346 / 0.533 against 0.274 / 0.269 at 32).
 MAX_ROWS_PER_PROGRAM = 32
 
 
@@ -67,12 +68,12 @@ def _fwd_kernel(x_ref, c_ref, s_ref, *out_refs, scale, eps):
 
 
 def _bwd_kernel(*refs, scale):
-    *g_refs, inv_ref, c_ref, s_ref, dx_ref = refs
-    g_refs, y_refs = g_refs[: len(g_refs) // 2], g_refs[len(g_refs) // 2:]
+    *gy_refs, inv_ref, c_ref, s_ref, dx_ref = refs  # the S outputs' gradients, then the S outputs
+    S = len(gy_refs) // 2
     half = dx_ref.shape[-1] // 2
     c1, c2 = _halves(c_ref)
     s1, s2 = _halves(s_ref)
-    for s, (g_ref, y_ref) in enumerate(zip(g_refs, y_refs)):
+    for s, (g_ref, y_ref) in enumerate(zip(gy_refs[:S], gy_refs[S:])):
         g1, g2 = _halves(g_ref)
         y1, y2 = _halves(y_ref)
         g1, g2, n1, n2 = scale * g1, scale * g2, y1 / scale, y2 / scale
