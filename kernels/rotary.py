@@ -51,11 +51,11 @@ def _halves(ref, *index):
 
 def _fwd_kernel(x_ref, c_ref, s_ref, *out_refs, scale, eps):
     *y_refs, inv_ref = out_refs
+    dtype = y_refs[0].dtype
+    half = x_ref.shape[-1] // 2
     c1, c2 = _halves(c_ref)
     s1, s2 = _halves(s_ref)
     for s, y_ref in enumerate(y_refs):
-        dtype = y_ref.dtype
-        half = y_ref.shape[-1] // 2
         x1, x2 = _halves(x_ref, slice(None), s)
         # Rotation by the tables C = [cos, cos], S = [sin, -sin]: x * C + swap_halves(x) * S.
         r1 = (x1 * c1 + x2 * s1).astype(dtype).astype(jnp.float32)
