@@ -176,7 +176,15 @@ def run(args):
         loop, start_step = meta["loop"], meta["step"]
         print(f"resumed from step {start_step} of {checkpoints.directory}")
 
+    log = loop_lib.MetricsLog(out_dir, wandb_project=args.wandb_project, name=args.model_tag or f"d{args.depth}",
+                              config=vars(args))
+    bar = loop_lib.progress_bar(num_iterations, start_step, "base")
+    steps = loop_lib.OneStepLate(step_fn, loop_lib.step_accounting(
+        start_step=start_step, loop=loop, flops_per_token=flops_per_token, n_devices=n_devices,
+        peak=loop_lib.peak_flops(jax.devices()[0]), log=log, bar=bar))
+
     def save(step):
+        steps.settle()
         meta = {"model_config": config.to_json_dict(), "flags": vars(args), "loop": loop, "seed": args.seed,
                 "total_batch_size": hp.total_batch_size, "num_iterations": num_iterations}
         checkpoints.save(step, params, opt_state, train_batches.get_state(), meta)
@@ -193,11 +201,6 @@ def run(args):
                             attention_backend=step_config.attention_backend,
                             to_global=lambda x: sharding.global_batch(x, eval_sharding))
 
-    peak = loop_lib.peak_flops(jax.devices()[0])
-    log = loop_lib.MetricsLog(out_dir, wandb_project=args.wandb_project, name=args.model_tag or f"d{args.depth}",
-                              config=vars(args))
-    record = log.record
-    bar = loop_lib.progress_bar(num_iterations, start_step, "base")
     step = start_step
     with loop_lib.stop_requests() as stop:
         try:
@@ -209,9 +212,10 @@ def run(args):
                     tqdm.write(f"interrupted: saved step {step}; continue with --resume")
                     break
                 if args.eval_every > 0 and (last or step % args.eval_every == 0) and not (step == start_step > 0):
+                    steps.settle()  # the record carries the training time so far
                     bpb = val_bpb()
                     loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
-                    record(step=step, val_bpb=bpb, training_time_s=loop["training_time_s"])
+                    log.record(step=step, val_bpb=bpb, training_time_s=loop["training_time_s"])
                     log.flush()
                     tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
                 if args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
@@ -222,10 +226,9 @@ def run(args):
                 if last:
                     break
                 batch = loop_lib.next_step_batch(train_batches, micro_steps, micro_sharding)
-                params, opt_state = loop_lib.timed_step(
-                    step_fn, params, opt_state, batch, step=step, start_step=start_step, loop=loop,
-                    tokens=hp.total_batch_size, flops_per_token=flops_per_token, peak=peak, n_devices=n_devices,
-                    log=log, bar=bar, lr_multiplier=float(schedules["lr_multiplier"](step)))
+                # The schedule's value is a device scalar, fetched with the loss one step late.
+                params, opt_state = steps(params, opt_state, *batch, step=step, tokens=hp.total_batch_size,
+                                          lr_multiplier=schedules["lr_multiplier"](step))
                 step += 1
                 if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
                     save(step)

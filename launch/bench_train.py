@@ -1,8 +1,9 @@
 """Training throughput: `python -m launch.bench_train --depth 20 [--window-pattern SSSL] [--device-batch-size 32]`.
 
 Times the real training step (model, loss, Muon + AdamW, gradient accumulation over micro-steps)
-on random tokens already on the device, after compilation, with the device synchronized: the
-median of several full optimizer steps. Also times one micro-step alone (forward + backward) so
+on random tokens already on the device, after compilation, the way the training loop runs it
+(`launch.loop.OneStepLate`: each step dispatched before the previous one's loss is read, and timed
+from the previous one's end to its own): the median of several full optimizer steps. Also times one micro-step alone (forward + backward) so
 the optimizer's share is visible. Prints a table and, last, a JSON line. Several depths or window
 patterns (comma-separated) run in one call, each in the same process and on the same device.
 """
@@ -55,6 +56,7 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
           profile_dir=None, num_devices=None):
     import jax
 
+    from launch.loop import OneStepLate
     from nanochat_jax import model, optim, sharding, train
     from nanochat_jax.config import compute_dtype, config_from_depth
 
@@ -77,15 +79,19 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
     inputs = jax.device_put(tokens[..., :-1], batch_sharding)
     targets = jax.device_put(tokens[..., 1:], batch_sharding)
 
-    step_fn = train.make_train_step(step_config, optimizer, mesh, opt_shardings)
-    t0 = time.perf_counter()
-    params, opt_state, _ = jax.block_until_ready(step_fn(params, opt_state, inputs, targets))
-    first_s = time.perf_counter() - t0
-    times = []
+    done = []  # (loss, seconds) of each step
+    runner = OneStepLate(train.make_train_step(step_config, optimizer, mesh, opt_shardings),
+                         lambda loss, dt: done.append((loss, dt)))
+    params, opt_state = runner(params, opt_state, inputs, targets)
+    runner.settle()  # the first step compiles
+    # Then the way the training loop runs them: each step is dispatched before the previous one's
+    # loss is read, and takes from the previous one's end to its own.
     for _ in range(steps):
-        t0 = time.perf_counter()
-        params, opt_state, loss = jax.block_until_ready(step_fn(params, opt_state, inputs, targets))
-        times.append(time.perf_counter() - t0)
+        params, opt_state = runner(params, opt_state, inputs, targets)
+    runner.settle()
+    (_, first_s), *timed = done
+    times = [dt for _, dt in timed]
+    loss = timed[-1][0]
     step_s = statistics.median(times)
     # One micro-step alone (forward + backward), for the optimizer's share. Timed after the steps,
     # with trained weights: at init the output projections are zero, and on a power-capped GPU
@@ -102,7 +108,8 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
     profile = None
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            params, opt_state, _ = jax.block_until_ready(step_fn(params, opt_state, inputs, targets))
+            params, opt_state = runner(params, opt_state, inputs, targets)
+            runner.settle()
         profile = kernel_table(profile_dir)
     flops = model.flops_per_token(config) * total_batch_size
     stats = devices[0].memory_stats() or {}
@@ -114,7 +121,7 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
         "micro_step_ms": 1e3 * micro_s, "optimizer_ms_est": 1e3 * (step_s - micro_steps * micro_s),
         "mfu_989": 100 * flops / step_s / (PEAK_BF16 * len(devices)),
         "mfu_measured_ceiling": 100 * flops / step_s / (MEASURED_CEILING * len(devices)),
-        "peak_gb": (stats.get("peak_bytes_in_use") or 0) / 1e9, "compile_s": compile_s, "loss": float(loss),
+        "peak_gb": (stats.get("peak_bytes_in_use") or 0) / 1e9, "compile_s": compile_s, "loss": loss,
         **({"profile": profile} if profile else {}),
     }
 

@@ -223,7 +223,16 @@ def run(stage, args):
                 "device_kind": jax.devices()[0].device_kind, "compute_dtype": dtype.name,
                 "train_mixture": train_mix.sizes, "val_mixture": val_mix.sizes}
 
+    log = loop_lib.MetricsLog(out_dir, wandb_project=args.wandb_project, name=f"{stage}-{os.path.basename(out_dir)}",
+                              config=settings)
+    total = args.num_iterations if args.num_iterations > 0 else None
+    bar = loop_lib.progress_bar(total, start_step, stage)
+    steps = loop_lib.OneStepLate(step_fn, loop_lib.step_accounting(
+        start_step=start_step, loop=loop, flops_per_token=flops_per_token, n_devices=n_devices,
+        peak=loop_lib.peak_flops(jax.devices()[0]), log=log, bar=bar))
+
     def save(step):
+        steps.settle()
         meta = {"model_config": config.to_json_dict(), "flags": settings, "loop": loop,
                 "total_batch_size": args.total_batch_size}
         checkpoints.save(step, params, opt_state, train_batches.get_state(), meta)
@@ -249,11 +258,6 @@ def run(stage, args):
             done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
         return done, consumed / len(train_mix)
 
-    peak = loop_lib.peak_flops(jax.devices()[0])
-    log = loop_lib.MetricsLog(out_dir, wandb_project=args.wandb_project, name=f"{stage}-{os.path.basename(out_dir)}",
-                              config=settings)
-    total = args.num_iterations if args.num_iterations > 0 else None
-    bar = loop_lib.progress_bar(total, start_step, stage)
     step, finished = start_step, False
     with loop_lib.stop_requests() as stop:
         try:
@@ -266,6 +270,7 @@ def run(stage, args):
                     break
                 periodic = args.eval_every > 0 and step % args.eval_every == 0 and not (step == start_step > 0)
                 if (finished or periodic) and args.eval_tokens > 0:
+                    steps.settle()  # the record carries the training time so far
                     bpb = val_bpb()
                     loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
                     log.record(step=step, val_bpb=bpb, training_time_s=loop["training_time_s"])
@@ -280,10 +285,8 @@ def run(stage, args):
                 lrm = lr_multiplier(loop["progress"], args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
                 loop_lib.set_hyperparameters(opt_state, lr_multiplier=args.init_lr_frac * lrm,
                                              muon_momentum=muon_momentum(step), muon_wd_multiplier=1.0)
-                params, opt_state = loop_lib.timed_step(
-                    step_fn, params, opt_state, (tokens, targets), step=step, start_step=start_step, loop=loop,
-                    tokens=args.total_batch_size, flops_per_token=flops_per_token, peak=peak, n_devices=n_devices,
-                    log=log, bar=bar, lr_multiplier=args.init_lr_frac * lrm, progress=loop["progress"])
+                params, opt_state = steps(params, opt_state, tokens, targets, step=step, tokens=args.total_batch_size,
+                                          lr_multiplier=args.init_lr_frac * lrm, progress=loop["progress"])
                 step += 1
                 if args.save_every > 0 and step % args.save_every == 0:
                     save(step)

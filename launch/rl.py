@@ -170,7 +170,16 @@ def run(args):
                 "num_steps": num_steps, "micro_steps": micro_steps, "devices": n_devices,
                 "device_kind": jax.devices()[0].device_kind, "compute_dtype": dtype.name}
 
+    flops_per_token = model.flops_per_token(config)
+    log = loop_lib.MetricsLog(out_dir, wandb_project=args.wandb_project, name=f"rl-{os.path.basename(out_dir)}",
+                              config=settings)
+    bar = loop_lib.progress_bar(num_steps, start_step, "rl")
+    steps = loop_lib.OneStepLate(step_fn, loop_lib.step_accounting(
+        start_step=start_step, loop=loop, flops_per_token=flops_per_token, n_devices=n_devices,
+        peak=loop_lib.peak_flops(jax.devices()[0]), log=log, bar=bar))
+
     def save(step):
+        steps.settle()
         meta = {"model_config": config.to_json_dict(), "flags": settings, "loop": loop}
         checkpoints.save(step, params, opt_state, {"step": step}, meta)
 
@@ -208,11 +217,6 @@ def run(args):
         batch = tuple(sharding.global_batch(a.reshape(shape), micro_sharding) for a in (inputs, targets, weights))
         return batch, float(rewards.mean()), float(np.mean(lengths)), int((targets >= 0).sum())
 
-    peak = loop_lib.peak_flops(jax.devices()[0])
-    flops_per_token = model.flops_per_token(config)
-    log = loop_lib.MetricsLog(out_dir, wandb_project=args.wandb_project, name=f"rl-{os.path.basename(out_dir)}",
-                              config=settings)
-    bar = loop_lib.progress_bar(num_steps, start_step, "rl")
     step, finished = start_step, False
     with loop_lib.stop_requests() as stop:
         try:
@@ -235,11 +239,12 @@ def run(args):
                 lrm = 1.0 - step / num_steps
                 loop_lib.set_hyperparameters(opt_state, lr_multiplier=args.init_lr_frac * lrm, muon_momentum=0.95,
                                              muon_wd_multiplier=1.0)
-                params, opt_state = loop_lib.timed_step(
-                    step_fn, params, opt_state, batch, step=step, start_step=start_step, loop=loop,
-                    tokens=batch[0].size, flops_per_token=flops_per_token, peak=peak, n_devices=n_devices,
-                    log=log, bar=bar, lr_multiplier=args.init_lr_frac * lrm, reward=reward,
-                    sequence_length=seq_len, sampled_tokens=sampled)
+                params, opt_state = steps(params, opt_state, *batch, step=step, tokens=batch[0].size,
+                                          lr_multiplier=args.init_lr_frac * lrm, reward=reward,
+                                          sequence_length=seq_len, sampled_tokens=sampled)
+                # The next rollouts sample from this step's params, so nothing overlaps the step:
+                # it is accounted for at once, without the sampling time.
+                steps.settle()
                 step += 1
                 if args.save_every > 0 and step % args.save_every == 0:
                     save(step)

@@ -92,6 +92,13 @@ def test_tiny_run_learns_and_reports(run_dir, straight):
     bpb = [r["val_bpb"] for r in records if "val_bpb" in r]
     assert len(bpb) == 3 and bpb[-1] < bpb[0]
     assert steps[0]["includes_compile"] and not any(r["includes_compile"] for r in steps[1:])
+    # Steps are accounted for one step late, yet every record lands in order: an eval after the
+    # steps before it, its training time theirs.
+    kinds = [("loss" if "loss" in r else "val", r["step"]) for r in records]
+    assert kinds == [("val", 0), *[("loss", s) for s in range(8)], ("val", 8),
+                     *[("loss", s) for s in range(8, 16)], ("val", 16)]
+    assert records[9]["training_time_s"] == pytest.approx(sum(r["dt_s"] for r in steps[1:8]))
+    assert all(type(r["lr_multiplier"]) is float for r in steps)
 
 
 def test_resume_is_bitwise_exact(run_dir, straight):

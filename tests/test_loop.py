@@ -1,0 +1,107 @@
+"""The training loop's shared parts: steps dispatched without waiting for them and accounted for one
+step late, in order, with wall times that add up to the time the device worked."""
+
+import io
+import json
+
+import jax.numpy as jnp
+import pytest
+from tqdm import tqdm
+
+from launch import loop as loop_lib
+
+
+class FakeDevice:
+    """A clock and a device that runs each dispatched step for `step_s` seconds, after the step
+    before it: reading a step's loss moves the clock to the step's end (if it is not past it)."""
+
+    def __init__(self, step_s=10.0, dispatch_s=1.0):
+        self.now, self.step_s, self.dispatch_s = 0.0, step_s, dispatch_s
+        self.device_free_at = 0.0
+        self.events = []
+
+    def clock(self):
+        return self.now
+
+    def step_fn(self, params, opt_state, batch):
+        self.now += self.dispatch_s
+        self.device_free_at = max(self.now, self.device_free_at) + self.step_s
+        self.events.append(("dispatch", batch))
+        return params + 1, opt_state, Loss(self, batch, self.device_free_at)
+
+
+class Loss:
+    def __init__(self, device, step, ready_at):
+        self.device, self.step, self.ready_at = device, step, ready_at
+
+    def __float__(self):
+        self.device.events.append(("read", self.step))
+        self.device.now = max(self.device.now, self.ready_at)
+        return float(self.step)
+
+
+@pytest.fixture
+def device(monkeypatch):
+    device = FakeDevice()
+    monkeypatch.setattr(loop_lib.time, "perf_counter", device.clock)
+    return device
+
+
+def test_each_loss_is_read_after_the_next_step_is_dispatched(device):
+    done = []
+    steps = loop_lib.OneStepLate(device.step_fn, lambda loss, dt, **metrics: done.append((loss, metrics)))
+    params = 0
+    for i in range(3):
+        params, _ = steps(params, None, i, step=i)
+    assert device.events == [("dispatch", 0), ("dispatch", 1), ("read", 0), ("dispatch", 2), ("read", 1)]
+    assert params == 3  # the returned state is the dispatched step's, not a waited-for one
+    steps.settle()
+    steps.settle()  # nothing in flight: a no-op
+    assert device.events[-1] == ("read", 2) and len(device.events) == 6
+    assert done == [(0.0, {"step": 0}), (1.0, {"step": 1}), (2.0, {"step": 2})]
+
+
+def test_step_times_add_up_to_the_device_time(device):
+    times = []
+    steps = loop_lib.OneStepLate(device.step_fn, lambda loss, dt: times.append(dt))
+    for i in range(4):
+        steps(0, None, i)
+    steps.settle()
+    # The first step from its dispatch, then each from the end of the one it was queued behind.
+    assert times == [device.dispatch_s + device.step_s] + [device.step_s] * 3
+    device.now += 100.0  # the host away (an eval): the next step starts at its dispatch, not before
+    steps(0, None, 4)
+    steps.settle()
+    assert times[-1] == device.dispatch_s + device.step_s
+
+
+def test_device_metrics_are_fetched_as_floats(device):
+    done = []
+    steps = loop_lib.OneStepLate(device.step_fn, lambda loss, dt, **metrics: done.append(metrics))
+    steps(0, None, 0, lr_multiplier=jnp.float32(0.25) * 2, tokens=1024)
+    steps.settle()
+    assert done == [{"lr_multiplier": 0.5, "tokens": 1024}]
+    assert type(done[0]["lr_multiplier"]) is float and json.dumps(done[0])
+
+
+def test_accounting_keeps_compilation_out_of_the_training_time(device, tmp_path):
+    loop = {"smooth_loss": 0.0, "training_time_s": 0.0}
+    log = loop_lib.MetricsLog(str(tmp_path))
+    bar = tqdm(total=3, file=io.StringIO())
+    steps = loop_lib.OneStepLate(device.step_fn, loop_lib.step_accounting(
+        start_step=5, loop=loop, flops_per_token=6, peak=None, n_devices=1, log=log, bar=bar))
+    for step in (5, 6, 7):
+        steps(0, None, step, step=step, tokens=100, lr_multiplier=1.0)
+    steps.settle()
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 6, 7]
+    assert [r["includes_compile"] for r in records] == [True, False, False]
+    assert loop["training_time_s"] == 2 * device.step_s  # steps 6 and 7 only
+    assert records[1]["tokens_per_s"] == 100 / device.step_s and records[1]["mfu_percent"] is None
+    # The EMA is debiased from step 0: the losses 5, 6, 7 of steps 5, 6, 7.
+    ema = 0.0
+    for loss in (5.0, 6.0, 7.0):
+        ema = loop_lib.EMA * ema + (1 - loop_lib.EMA) * loss
+    assert records[-1]["loss_ema"] == pytest.approx(ema / (1 - loop_lib.EMA ** 8))
+    assert bar.n == 3
