@@ -3,8 +3,8 @@
 Times the real training step (model, loss, Muon + AdamW, gradient accumulation over micro-steps)
 on random tokens already on the device, after compilation, the way the training loop runs it
 (`launch.loop.OneStepLate`: each step dispatched before the previous one's loss is read, and timed
-from the previous one's end to its own): the median of several full optimizer steps. Also times one micro-step alone (forward + backward) so
-the optimizer's share is visible. Prints a table and, last, a JSON line. Several depths or window
+from the previous one's end to its own): the median of several full optimizer steps. Also times
+one micro-step alone (forward + backward) so the optimizer's share is visible. Prints a table and, last, a JSON line. Several depths or window
 patterns (comma-separated) run in one call, each in the same process and on the same device.
 """
 

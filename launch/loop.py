@@ -130,8 +130,8 @@ class OneStepLate:
     """Runs optimizer steps without waiting for them. `step_fn` dispatches a step to the device and
     returns at once; its loss (and any device values among the step's metrics) is fetched only after
     the next step has been dispatched, so the device always has the next step queued instead of
-    idling while the host reads a scalar and prepares the next call (section 16 of
-    docs/perf_notes.md: +0.3-0.5% at d20/d12 on the H200).
+    idling while the host reads a scalar and prepares the next call (docs/perf_notes.md section 17:
+    +1.4% at d12 on the H200).
 
     `on_done(loss, dt, **metrics)` is called once per step, in order, with the loss as a float,
     the step's wall time, and the metrics given at dispatch (device arrays fetched as floats). Call
