@@ -160,10 +160,12 @@ def run(args):
 
     local_rows = args.device_batch_size * n_local
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    # Two optimizer steps of micro-batches prepared ahead: with fewer, the background thread stops
+    # Two optimizer steps of micro-batches tokenized ahead: with fewer, the background thread stops
     # while the device computes and the next step waits for its rows to be tokenized.
-    train_batches = data.pretrain_batches(tokenizer, local_rows, args.max_seq_len, source=args.data_dir,
-                                          split="train", seed=args.seed, prefetch=2 * micro_steps, **proc)
+    micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    train_batches = loop_lib.step_batches(
+        data.pretrain_dataset(tokenizer, local_rows, args.max_seq_len, source=args.data_dir, split="train",
+                              seed=args.seed, prefetch=2 * micro_steps, **proc), micro_steps, micro_sharding)
 
     wall_start = time.perf_counter()
     checkpoints, resume_step = loop_lib.open_checkpoints(os.path.join(out_dir, "checkpoints"), config, keep=args.keep,
@@ -189,7 +191,6 @@ def run(args):
                 "total_batch_size": hp.total_batch_size, "num_iterations": num_iterations}
         checkpoints.save(step, params, opt_state, train_batches.get_state(), meta)
 
-    micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     eval_sharding = sharding.batch_sharding(mesh)
     token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(mesh))
     eval_batches_n = max(1, args.eval_tokens // (rows_per_micro * args.max_seq_len))
@@ -201,6 +202,7 @@ def run(args):
                             attention_backend=step_config.attention_backend,
                             to_global=lambda x: sharding.global_batch(x, eval_sharding))
 
+    host = jax.local_devices(backend="cpu")[0]
     step = start_step
     with loop_lib.stop_requests() as stop:
         try:
@@ -225,10 +227,11 @@ def run(args):
                         tqdm.write(f"  {prompt!r} -> {text!r}")
                 if last:
                     break
-                batch = loop_lib.next_step_batch(train_batches, micro_steps, micro_sharding)
-                # The schedule's value is a device scalar, fetched with the loss one step late.
+                batch = next(train_batches)
+                with jax.default_device(host):  # the record's copy of the schedule: nothing for the GPU to wait on
+                    lr_multiplier = float(schedules["lr_multiplier"](step))
                 params, opt_state = steps(params, opt_state, *batch, step=step, tokens=hp.total_batch_size,
-                                          lr_multiplier=schedules["lr_multiplier"](step))
+                                          lr_multiplier=lr_multiplier)
                 step += 1
                 if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
                     save(step)

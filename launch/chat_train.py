@@ -200,8 +200,10 @@ def run(stage, args):
     local_rows = args.device_batch_size * n_local
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
     supervise = STAGES[stage]["supervise"]
-    train_batches = data.conversation_batches(train_mix, tokenizer, local_rows, args.max_seq_len,
-                                              supervise=supervise, prefetch=2 * micro_steps, **proc)  # see base_train
+    micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    train_batches = loop_lib.step_batches(  # see base_train
+        data.conversation_dataset(train_mix, tokenizer, local_rows, args.max_seq_len, supervise=supervise,
+                                  prefetch=2 * micro_steps, **proc), micro_steps, micro_sharding)
 
     checkpoints, resume_step = loop_lib.open_checkpoints(os.path.join(out_dir, "checkpoints"), config, keep=args.keep,
                                                          resume=args.resume)
@@ -237,7 +239,6 @@ def run(stage, args):
                 "total_batch_size": args.total_batch_size}
         checkpoints.save(step, params, opt_state, train_batches.get_state(), meta)
 
-    micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     eval_sharding = sharding.batch_sharding(mesh)
     token_bytes = jax.device_put(tokenizer.token_bytes(), sharding.replicated(mesh))
     eval_batches_n = max(1, args.eval_tokens // (rows_per_micro * args.max_seq_len))
@@ -278,7 +279,7 @@ def run(stage, args):
                     tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
                 if finished:
                     break
-                tokens, targets = loop_lib.next_step_batch(train_batches, micro_steps, micro_sharding)
+                tokens, targets = next(train_batches)
                 # Progress counts the conversations in this step too, like the reference's prefetch.
                 progress = step / args.num_iterations if args.num_iterations > 0 else epoch_done()[1]
                 loop["progress"] = max(loop["progress"], progress)

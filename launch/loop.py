@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
 from tqdm import tqdm
@@ -112,11 +113,19 @@ def micro_steps(total_batch_size: int, device_batch_size: int, seq_len: int, n_d
     return total_batch_size // tokens_per_micro
 
 
-def next_step_batch(batches, micro_steps: int, micro_sharding):
-    """The next optimizer step's batch: `micro_steps` host batches from this process's iterator,
-    stacked and assembled into global (micro_steps, rows, T) arrays on the mesh."""
-    rows = [next(batches) for _ in range(micro_steps)]
-    return tuple(sharding.global_batch(np.stack([r[i] for r in rows]), micro_sharding) for i in (0, 1))
+def step_batches(rows: grain.IterDataset, micro_steps: int, micro_sharding) -> grain.DatasetIterator:
+    """Each optimizer step's batch: `micro_steps` host batches of this process's `rows` stacked and
+    assembled into global (micro_steps, rows, T) arrays on the mesh, by a background thread one step
+    ahead. The loop's host work between two dispatches is then a queue pop: the device has little
+    left in its launch queue when a step's dispatch returns (its last launches are the optimizer's
+    small kernels), and host work there leaves it idle (docs/perf_notes.md section 17). The
+    iterator's `get_state()` is the position after the last batch taken."""
+
+    def to_global(stacked):
+        return tuple(sharding.global_batch(a, micro_sharding) for a in stacked)
+
+    return iter(grain.experimental.ThreadPrefetchIterDataset(rows.batch(micro_steps).map(to_global),
+                                                             prefetch_buffer_size=1))
 
 
 def set_hyperparameters(opt_state, **values) -> None:
@@ -128,15 +137,14 @@ def set_hyperparameters(opt_state, **values) -> None:
 
 class OneStepLate:
     """Runs optimizer steps without waiting for them. `step_fn` dispatches a step to the device and
-    returns at once; its loss (and any device values among the step's metrics) is fetched only after
-    the next step has been dispatched, so the device always has the next step queued instead of
-    idling while the host reads a scalar and prepares the next call (docs/perf_notes.md section 17:
-    +1.4% at d12 on the H200).
+    returns at once; its loss is fetched only after the next step has been dispatched, so the device
+    has the next step queued instead of idling while the host reads a scalar and prepares the next
+    call (docs/perf_notes.md section 17).
 
-    `on_done(loss, dt, **metrics)` is called once per step, in order, with the loss as a float,
-    the step's wall time, and the metrics given at dispatch (device arrays fetched as floats). Call
-    `settle()` before anything that reads what `on_done` accounts for (a checkpoint's metadata, an
-    eval record, the end of the run): it waits for the step in flight and accounts for it.
+    `on_done(loss, dt, **metrics)` is called once per step, in order, with the loss as a float, the
+    step's wall time and the metrics given at dispatch. Call `settle()` before anything that reads
+    what `on_done` accounts for (a checkpoint's metadata, an eval record, the end of the run): it
+    waits for the step in flight and accounts for it.
     """
 
     def __init__(self, step_fn, on_done):
@@ -157,7 +165,6 @@ class OneStepLate:
         loss, dispatched, metrics = self.in_flight
         self.in_flight = None
         loss = float(loss)  # waits for the step
-        metrics = {k: float(v) if isinstance(v, jax.Array) else v for k, v in metrics.items()}
         done = time.perf_counter()
         # The step started on the device when it was dispatched, or when the step before it
         # finished if that was later (it was queued behind it).

@@ -6,7 +6,7 @@ field per line). The last file in name order is the validation split, unless the
 training shard to validation. With no folder given, the small Wikipedia corpus shipped in
 `nanochat_jax/corpus/` is used, so everything runs on a fresh machine without a download.
 
-The pipeline (`pretrain_batches`, `conversation_batches`) reproduces the reference's BOS-aligned
+The pipeline (`pretrain_dataset`, `conversation_dataset`) reproduces the reference's BOS-aligned
 best-fit packing: every row of seq_len+1 tokens starts at a document's BOS; the largest buffered
 document that fits goes in next; only when none fits is the shortest one cropped to fill the row
 (pretraining) or the row padded and masked (conversations, where nothing may be cut). Its iterator
@@ -446,15 +446,20 @@ def _process_slice(ds: grain.MapDataset, process_index: int, process_count: int,
     return ds[process_index::process_count]
 
 
-def pretrain_batches(tokenizer, batch_size: int, seq_len: int, source: str | None = None,
+def pretrain_batches(*args, **kwargs) -> grain.DatasetIterator:
+    """An iterator over `pretrain_dataset(*args, **kwargs)`."""
+    return iter(pretrain_dataset(*args, **kwargs))
+
+
+def pretrain_dataset(tokenizer, batch_size: int, seq_len: int, source: str | None = None,
                      split: str = "train", seed: int = 0, process_index: int = 0,
                      process_count: int = 1, buffer_size: int = 1000, lookahead: int = 4,
-                     prefetch: int = 2, tokenizer_threads: int = 2) -> grain.DatasetIterator:
+                     prefetch: int = 2, tokenizer_threads: int = 2) -> grain.IterDataset:
     """Endless `(inputs_BT, targets_BT)` int32 batches of this process's slice of `source`.
 
     Training reshuffles the order of the reading units every epoch (a pure function of `seed` and
     the epoch); validation reads its split in file order, the same batches every time it is built.
-    `get_state()`/`set_state()` of the returned iterator save and restore the exact position.
+    `get_state()`/`set_state()` of its iterator save and restore the exact position.
     A background thread keeps `prefetch` batches ready; a training loop wants at least one
     optimizer step's worth, or the device waits for tokenization between steps.
     """
@@ -470,12 +475,17 @@ def pretrain_batches(tokenizer, batch_size: int, seq_len: int, source: str | Non
 
     chunks = units.repeat(None).map(tokenize)
     packed = _PackedRows(chunks, batch_size, seq_len, False, bos, buffer_size, lookahead)
-    return iter(grain.experimental.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=prefetch))
+    return grain.experimental.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=prefetch)
 
 
-def conversation_batches(conversations, tokenizer, batch_size: int, seq_len: int, seed: int | None = None,
+def conversation_batches(*args, **kwargs) -> grain.DatasetIterator:
+    """An iterator over `conversation_dataset(*args, **kwargs)`."""
+    return iter(conversation_dataset(*args, **kwargs))
+
+
+def conversation_dataset(conversations, tokenizer, batch_size: int, seq_len: int, seed: int | None = None,
                          process_index: int = 0, process_count: int = 1, buffer_size: int = 100,
-                         lookahead: int = 4, prefetch: int = 2, supervise: str = "assistant") -> grain.DatasetIterator:
+                         lookahead: int = 4, prefetch: int = 2, supervise: str = "assistant") -> grain.IterDataset:
     """Endless `(inputs_BT, targets_BT)` batches of rendered conversations (a sequence or a
     MapDataset of conversation dicts), best-fit packed with padding: no token is ever cropped
     unless one conversation alone is longer than a row. Targets are -1 where the loss mask is 0
@@ -497,7 +507,7 @@ def conversation_batches(conversations, tokenizer, batch_size: int, seq_len: int
 
     chunks = ds.repeat(None).map(render)
     packed = _PackedRows(chunks, batch_size, seq_len, True, tokenizer.bos_token_id, buffer_size, lookahead)
-    return iter(grain.experimental.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=prefetch))
+    return grain.experimental.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=prefetch)
 
 
 def conversations_consumed(state: dict) -> int:

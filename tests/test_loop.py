@@ -1,14 +1,19 @@
 """The training loop's shared parts: steps dispatched without waiting for them and accounted for one
-step late, in order, with wall times that add up to the time the device worked."""
+step late, in order, with wall times that add up to the time the device worked; each step's batch
+assembled ahead on the mesh, with an iterator state that resumes after the last batch taken."""
 
 import io
 import json
+import time
 
-import jax.numpy as jnp
+import grain
+import jax
+import numpy as np
 import pytest
 from tqdm import tqdm
 
 from launch import loop as loop_lib
+from nanochat_jax import sharding
 
 
 class FakeDevice:
@@ -75,15 +80,6 @@ def test_step_times_add_up_to_the_device_time(device):
     assert times[-1] == device.dispatch_s + device.step_s
 
 
-def test_device_metrics_are_fetched_as_floats(device):
-    done = []
-    steps = loop_lib.OneStepLate(device.step_fn, lambda loss, dt, **metrics: done.append(metrics))
-    steps(0, None, 0, lr_multiplier=jnp.float32(0.25) * 2, tokens=1024)
-    steps.settle()
-    assert done == [{"lr_multiplier": 0.5, "tokens": 1024}]
-    assert type(done[0]["lr_multiplier"]) is float and json.dumps(done[0])
-
-
 def test_accounting_keeps_compilation_out_of_the_training_time(device, tmp_path):
     loop = {"smooth_loss": 0.0, "training_time_s": 0.0}
     log = loop_lib.MetricsLog(str(tmp_path))
@@ -105,3 +101,41 @@ def test_accounting_keeps_compilation_out_of_the_training_time(device, tmp_path)
         ema = loop_lib.EMA * ema + (1 - loop_lib.EMA) * loss
     assert records[-1]["loss_ema"] == pytest.approx(ema / (1 - loop_lib.EMA ** 8))
     assert bar.n == 3
+
+
+class Counting(grain.IterDataset):
+    """Rows (inputs, targets) = (n, -n) for n = 1, 2, ...: 2 rows x 3 tokens per micro-batch."""
+
+    def __iter__(self):
+        return CountingIterator()
+
+
+class CountingIterator(grain.DatasetIterator):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __next__(self):
+        self.n += 1
+        return np.full((2, 3), self.n, np.int32), np.full((2, 3), -self.n, np.int32)
+
+    def get_state(self):
+        return {"n": self.n}
+
+    def set_state(self, state):
+        self.n = state["n"]
+
+
+def test_step_batches_are_global_and_resume_at_the_last_batch_taken():
+    mesh = sharding.make_mesh(devices=jax.devices()[:2])
+    micro_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    batches = loop_lib.step_batches(Counting(), 4, micro_sharding)
+    inputs, targets = next(batches)
+    assert inputs.shape == (4, 2, 3) and inputs.sharding == micro_sharding
+    np.testing.assert_array_equal(np.asarray(inputs)[:, 0, 0], [1, 2, 3, 4])
+    np.testing.assert_array_equal(np.asarray(targets), -np.asarray(inputs))
+    time.sleep(0.2)  # the background thread has assembled the next step by now
+    assert batches.get_state() == {"n": 4}  # taken, not prepared
+    resumed = loop_lib.step_batches(Counting(), 4, micro_sharding)
+    resumed.set_state(batches.get_state())
+    np.testing.assert_array_equal(np.asarray(next(resumed)[0]), np.asarray(next(batches)[0]))
