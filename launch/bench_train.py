@@ -82,8 +82,7 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
     done = []  # (loss, seconds) of each step
     runner = OneStepLate(train.make_train_step(step_config, optimizer, mesh, opt_shardings),
                          lambda loss, dt: done.append((loss, dt)))
-    params, opt_state = runner(params, opt_state, inputs, targets)
-    runner.settle()  # the first step compiles
+    params, opt_state = runner(params, opt_state, inputs, targets)  # compiles; waited for
     # Then the way the training loop runs them: each step is dispatched before the previous one's
     # loss is read, and takes from the previous one's end to its own.
     for _ in range(steps):

@@ -142,7 +142,7 @@ class OneStepLate:
     call (docs/perf_notes.md section 17).
 
     `on_done(loss, dt, **metrics)` is called once per step, in order, with the loss as a float, the
-    step's wall time and the metrics given at dispatch. Call `settle()` before anything that reads
+    step's wall time and the metrics given at dispatch. The first step is waited for at once. Call `settle()` before anything that reads
     what `on_done` accounts for (a checkpoint's metadata, an eval record, the end of the run): it
     waits for the step in flight and accounts for it.
     """
@@ -157,6 +157,10 @@ class OneStepLate:
         params, opt_state, loss = self.step_fn(params, opt_state, *batch)
         self.settle()
         self.in_flight = (loss, dispatched, metrics)
+        if self.last_done == -math.inf:
+            # The first step, which compiled: waited for, so that its time is its own and the
+            # next one's (from the next dispatch) is the next one's.
+            self.settle()
         return params, opt_state
 
     def settle(self):
