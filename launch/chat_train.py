@@ -230,8 +230,7 @@ def run(stage, args):
     total = args.num_iterations if args.num_iterations > 0 else None
     bar = loop_lib.progress_bar(total, start_step, stage)
     steps = loop_lib.OneStepLate(step_fn, loop_lib.step_accounting(
-        start_step=start_step, loop=loop, flops_per_token=flops_per_token, n_devices=n_devices,
-        peak=loop_lib.peak_flops(jax.devices()[0]), log=log, bar=bar))
+        start_step=start_step, loop=loop, flops_per_token=flops_per_token, log=log, bar=bar))
 
     def save(step):
         steps.settle()
@@ -279,14 +278,14 @@ def run(stage, args):
                     tqdm.write(f"step {step:05d} | val bpb {bpb:.4f}")
                 if finished:
                     break
-                tokens, targets = next(train_batches)
+                batch = next(train_batches)
                 # Progress counts the conversations in this step too, like the reference's prefetch.
                 progress = step / args.num_iterations if args.num_iterations > 0 else epoch_done()[1]
                 loop["progress"] = max(loop["progress"], progress)
                 lrm = lr_multiplier(loop["progress"], args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
                 loop_lib.set_hyperparameters(opt_state, lr_multiplier=args.init_lr_frac * lrm,
                                              muon_momentum=muon_momentum(step), muon_wd_multiplier=1.0)
-                params, opt_state = steps(params, opt_state, tokens, targets, step=step, tokens=args.total_batch_size,
+                params, opt_state = steps(params, opt_state, *batch, step=step, tokens=args.total_batch_size,
                                           lr_multiplier=args.init_lr_frac * lrm, progress=loop["progress"])
                 step += 1
                 if args.save_every > 0 and step % args.save_every == 0:

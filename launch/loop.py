@@ -158,8 +158,7 @@ class OneStepLate:
         self.settle()
         self.in_flight = (loss, dispatched, metrics)
         if self.last_done == -math.inf:
-            # The first step, which compiled: waited for, so that its time is its own and the
-            # next one's (from the next dispatch) is the next one's.
+            # The first step compiles: waited for at once, so that its time holds nothing of the next.
             self.settle()
         return params, opt_state
 
@@ -176,12 +175,12 @@ class OneStepLate:
         self.last_done = done
 
 
-def step_accounting(*, start_step: int, loop: dict, flops_per_token: int, peak: float | None, n_devices: int,
-                    log: MetricsLog, bar: tqdm):
+def step_accounting(*, start_step: int, loop: dict, flops_per_token: int, log: MetricsLog, bar: tqdm):
     """The `on_done` of a training stage's `OneStepLate`, taking `step` and `tokens` (and any
     other fields for the record) as metrics: wall time (the first step of a process includes
-    compilation and is kept out of the training time), the loss EMA, tokens/s, MFU, a metrics
-    record and the progress bar."""
+    compilation and is kept out of the training time), the loss EMA, tokens/s, MFU over all the
+    job's devices, a metrics record and the progress bar."""
+    peak, n_devices = peak_flops(jax.devices()[0]), jax.device_count()
 
     def on_done(loss: float, dt: float, *, step: int, tokens: int, **extra):
         compiled_now = step == start_step

@@ -175,8 +175,7 @@ def run(args):
                               config=settings)
     bar = loop_lib.progress_bar(num_steps, start_step, "rl")
     steps = loop_lib.OneStepLate(step_fn, loop_lib.step_accounting(
-        start_step=start_step, loop=loop, flops_per_token=flops_per_token, n_devices=n_devices,
-        peak=loop_lib.peak_flops(jax.devices()[0]), log=log, bar=bar))
+        start_step=start_step, loop=loop, flops_per_token=flops_per_token, log=log, bar=bar))
 
     def save(step):
         steps.settle()

@@ -87,7 +87,7 @@ def test_accounting_keeps_compilation_out_of_the_training_time(device, tmp_path)
     log = loop_lib.MetricsLog(str(tmp_path))
     bar = tqdm(total=3, file=io.StringIO())
     steps = loop_lib.OneStepLate(device.step_fn, loop_lib.step_accounting(
-        start_step=5, loop=loop, flops_per_token=6, peak=None, n_devices=1, log=log, bar=bar))
+        start_step=5, loop=loop, flops_per_token=6, log=log, bar=bar))
     for step in (5, 6, 7):
         steps(0, None, step, step=step, tokens=100, lr_multiplier=1.0)
     steps.settle()
