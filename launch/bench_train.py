@@ -53,7 +53,7 @@ def kernel_table(trace_dir, top=50):
 
 
 def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, steps, attention_backend, loss_chunk_len,
-          profile_dir=None, num_devices=None):
+          profile_dir=None, num_devices=None, fp8=False):
     import jax
 
     from launch.loop import OneStepLate
@@ -70,7 +70,7 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
         raise ValueError(f"total batch {total_batch_size} is not a multiple of {rows} x {seq_len}")
     dtype = compute_dtype()
     step_config = train.StepConfig(model=config, dtype=dtype.name, attention_backend=attention_backend,
-                                   loss_chunk_len=loss_chunk_len)
+                                   loss_chunk_len=loss_chunk_len, fp8=fp8)
     optimizer = optim.build_optimizer(hp.groups(), optim.param_labels, ortho_dtype=dtype, **hp.schedules())
     params, opt_state, opt_shardings = train.init_train_state(step_config, optimizer, mesh, jax.random.key(0))
 
@@ -115,7 +115,7 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
     return {
         "depth": depth, "window_pattern": window_pattern, "attention": attention_backend, "loss_chunk_len": loss_chunk_len,
         "device_batch_size": device_batch_size, "seq_len": seq_len, "micro_steps": micro_steps,
-        "devices": len(devices), "device_kind": devices[0].device_kind, "dtype": dtype.name,
+        "devices": len(devices), "device_kind": devices[0].device_kind, "dtype": dtype.name, "fp8": fp8,
         "tokens_per_s": total_batch_size / step_s, "tokens_per_s_per_device": total_batch_size / step_s / len(devices), "step_ms": 1e3 * step_s,
         # A step's time ends when the host reads its loss, late by however long the next dispatch
         # blocked, and the next step's is short by as much: the mean is the steps' span over their count.
@@ -148,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
     parser.add_argument("--attention", default=None, help="attention backend (default: the platform's)")
     parser.add_argument("--loss-chunk-len", type=int, default=None, help="positions per head/loss chunk (0 = whole rows)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="the linear layers' products in FP8, as the reference's --fp8 (nanochat_jax/fp8.py)")
     parser.add_argument("--json", help="also append the JSON lines to this file")
     parser.add_argument("--devices", default=None,
                         help="comma-separated device counts, each run on the first N devices (default: all)")
@@ -174,7 +176,7 @@ def main(argv=None):
         profile_dir = args.profile and os.path.join(args.profile, f"d{depth}_{pattern}_{num_devices or 'all'}")
         try:
             r = bench(depth, pattern, args.device_batch_size, args.total_batch_size, args.max_seq_len,
-                      args.steps, backend, chunk, profile_dir, num_devices)
+                      args.steps, backend, chunk, profile_dir, num_devices, args.fp8)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -187,11 +189,11 @@ def main(argv=None):
         if "profile" in r:
             print_profile(r, top=40)
         print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
-    header = ("depth", "window", "devices", "tok/s", "tok/s/device", "step ms", "micro ms", "optim ms", "MFU 989",
+    header = ("depth", "window", "products", "devices", "tok/s", "tok/s/device", "step ms", "micro ms", "optim ms", "MFU 989",
               "MFU ceil", "peak GB", "compile s")
     print(" | ".join(header))
     for r in results:
-        row = [str(r["depth"]), r["window_pattern"], str(r["devices"])]
+        row = [str(r["depth"]), r["window_pattern"], "fp8" if args.fp8 else r.get("dtype", ""), str(r["devices"])]
         if "error" in r:
             print(" | ".join(row + [r["error"]]))
             continue

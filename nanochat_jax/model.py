@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax import attention as attn_lib
+from nanochat_jax import fp8 as fp8_lib
 from nanochat_jax.config import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, GPTConfig, compute_dtype
 
 ROPE_BASE = 100_000
@@ -231,9 +232,17 @@ def linear(x, w_OI):
     return jnp.einsum("...i,oi->...o", x, w_OI)
 
 
-def _stacked_linear(x_BTI, ws_OI, head_dim: int):
+def _dense(x, w_OI, fp8: bool):
+    """x @ W.T, its products in FP8 when training with `fp8` and the layer is one the FP8 recipe
+    covers (`fp8.applies`), else in x's dtype."""
+    return fp8_lib.linear(x, w_OI) if fp8 and fp8_lib.applies(w_OI) else linear(x, w_OI)
+
+
+def _stacked_linear(x_BTI, ws_OI, head_dim: int, fp8: bool):
     """x @ W.T for each of the same-shaped weights in `ws_OI`, as one product: (B, T, S, H, head_dim)."""
     B, T, _ = x_BTI.shape
+    if len(ws_OI) == 1:
+        return _dense(x_BTI, ws_OI[0], fp8).reshape(B, T, 1, -1, head_dim)
     return jnp.einsum("bti,soi->btso", x_BTI, jnp.stack(ws_OI)).reshape(B, T, len(ws_OI), -1, head_dim)
 
 
@@ -259,26 +268,27 @@ def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype) -> KVCac
                    jnp.zeros((batch_size, config.n_embd), dtype))
 
 
-def _attention_block(x_BTD, layer, ve_BTK, rotary, p, config, window, backend, cache_kv, positions_BT):
+def _attention_block(x_BTD, layer, ve_BTK, rotary, p, config, window, backend, cache_kv, positions_BT, fp8):
     """Attention of one layer; with `cache_kv` (this layer's stacked cache arrays and the layer
     index into them) the new keys/values are written at `positions_BT` and the queries attend to
-    the cache. Returns (output, cache_kv)."""
+    the cache. `fp8`: see `_dense`. Returns (output, cache_kv)."""
     B, T, _ = x_BTD.shape
     H, K, hd = config.n_head, config.n_kv_head, config.head_dim
     blk = p["blocks"]
     # Queries and keys from one product when they have the same width (no GQA): one product
     # forward, and backward one input gradient over twice the depth instead of two and their sum
     # (d20 +1.4% tokens/s, docs/perf_notes.md section 15). The rotary kernels split and join them
-    # for free.
-    groups = [("attn_q", "attn_k")] if H == K else [("attn_q",), ("attn_k",)]
+    # for free. In FP8 each weight has a scale of its own, so each is its own product.
+    separate = H != K or (fp8 and fp8_lib.applies(blk["attn_q"][layer]))
+    groups = [("attn_q",), ("attn_k",)] if separate else [("attn_q", "attn_k")]
     qk = []
     for names in groups:
-        qk += rotary_qk_norm(_stacked_linear(x_BTD, [blk[n][layer] for n in names], hd), *rotary)
+        qk += rotary_qk_norm(_stacked_linear(x_BTD, [blk[n][layer] for n in names], hd, fp8), *rotary)
     q, k = qk
-    v = linear(x_BTD, blk["attn_v"][layer]).reshape(B, T, K, hd)
+    v = _dense(x_BTD, blk["attn_v"][layer], fp8).reshape(B, T, K, hd)
     if ve_BTK is not None:
         ve_index = config.value_embedding_layers.index(layer)
-        gate_BTK = 3 * jax.nn.sigmoid(linear(x_BTD[..., :VE_GATE_CHANNELS], blk["ve_gate"][ve_index]))
+        gate_BTK = 3 * jax.nn.sigmoid(_dense(x_BTD[..., :VE_GATE_CHANNELS], blk["ve_gate"][ve_index], fp8))
         v = v + gate_BTK[..., None] * ve_BTK.reshape(B, T, K, hd)
     if cache_kv is None:
         y = attn_lib.attention(q, k, v, window=window, backend=backend)
@@ -292,11 +302,16 @@ def _attention_block(x_BTD, layer, ve_BTK, rotary, p, config, window, backend, c
         y = attn_lib.attention_cached(q, k_LBSKD[layer], v_LBSKD[layer], positions_BT, window=window,
                                      backend=backend)
         cache_kv = (k_LBSKD, v_LBSKD)
-    return linear(y.reshape(B, T, H * hd), blk["attn_proj"][layer]), cache_kv
+    return _dense(y.reshape(B, T, H * hd), blk["attn_proj"][layer], fp8), cache_kv
 
 
-def _mlp_block(x_BTD, layer, p):
-    return mlp(x_BTD, p["blocks"]["mlp_fc"][layer], p["blocks"]["mlp_proj"][layer])
+def _mlp_block(x_BTD, layer, p, fp8):
+    w_fc, w_proj = p["blocks"]["mlp_fc"][layer], p["blocks"]["mlp_proj"][layer]
+    if fp8 and fp8_lib.applies(w_fc):  # (w_proj has the transposed shape: both or neither)
+        # Plain autodiff around the FP8 products, as in the reference: the ReLU²'s backward keeps
+        # its pre-activation, the second product keeps its quantized input.
+        return fp8_lib.linear(jnp.square(jax.nn.relu(fp8_lib.linear(x_BTD, w_fc))), w_proj)
+    return mlp(x_BTD, w_fc, w_proj)
 
 
 @jax.custom_vjp
@@ -450,10 +465,10 @@ def _value_embedding(tables, index, tokens_BT):
     return tables.reshape(n * V, K)[index * V + tokens_BT]
 
 
-def _trunk(p, rows, config, attention_backend, cache):
+def _trunk(p, rows, config, attention_backend, cache, fp8=False):
     """The final normalized hidden states (B, T, D), the normalized embeddings (smear's input for
     the next decode step) and the updated per-layer keys/values (None without a cache), from the
-    tokens' `embedding_rows`."""
+    tokens' `embedding_rows`. `fp8`: see `_dense`."""
     p = _unstack(p)
     dtype = p["lm_head"].dtype
     B, T, _ = rows["wte"].shape
@@ -469,7 +484,7 @@ def _trunk(p, rows, config, attention_backend, cache):
     # Smear: each position takes in a gated share of the previous token's embedding; the first
     # token of a sequence has none (in training that is t = 0, when decoding a row's slot 0).
     x_prev_BTD = jnp.concatenate([prev_x_BD[:, None], x[:, :-1]], axis=1)
-    gate_BT1 = p["smear_lambda"] * jax.nn.sigmoid(linear(x[..., :SMEAR_GATE_CHANNELS], p["smear_gate"]))
+    gate_BT1 = p["smear_lambda"] * jax.nn.sigmoid(_dense(x[..., :SMEAR_GATE_CHANNELS], p["smear_gate"], fp8))
     x_embed = x
     x = x + jnp.where((positions > 0)[..., None], gate_BT1 * x_prev_BTD, 0)
 
@@ -483,9 +498,9 @@ def _trunk(p, rows, config, attention_backend, cache):
         if layer in config.value_embedding_layers:
             ve = rows["value_embeds"][config.value_embedding_layers.index(layer)]
         y, cache_kv = _attention_block(rms_norm(x), layer, ve, rotary, p, config, window, attention_backend,
-                                       cache_kv, positions)
+                                       cache_kv, positions, fp8)
         x = x + y
-        x = x + _mlp_block(rms_norm(x), layer, p)
+        x = x + _mlp_block(rms_norm(x), layer, p, fp8)
         if layer == backout_layer:
             x_backout = x
     return rms_norm(x - p["backout_lambda"] * x_backout), x_embed, cache_kv
@@ -501,11 +516,12 @@ def _softcap(z):
 
 
 def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, attention_backend: str = "xla",
-             chunk_len: int = 0, weights_BT=None, rows=None):
+             chunk_len: int = 0, weights_BT=None, rows=None, fp8: bool = False):
     """Summed token losses and the number of counted targets (-1 = ignored). With `weights_BT` each
     counted token's loss is multiplied by its weight (RL: the sample's advantage); the count is unchanged.
     `rows`: the tokens' `embedding_rows`, when the caller looked them up (then `params` needs no
-    embedding tables).
+    embedding tables). `fp8`: the linear layers' products in FP8 (`nanochat_jax/fp8.py`), for
+    training only.
 
     With `chunk_len` > 0 the head runs over `chunk_len` positions of every row at a time and is
     recomputed in the backward pass: the logits of the whole batch (4.3 GB in bf16 at 32 x 2048 x
@@ -513,9 +529,10 @@ def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, at
     """
     p = _cast(params, dtype)
     rows = embedding_rows(params, tokens_BT, config, dtype) if rows is None else rows
-    x_BTD, _, _ = _trunk(p, rows, config, attention_backend, None)
+    x_BTD, _, _ = _trunk(p, rows, config, attention_backend, None, fp8)
+    fp8 = fp8 and fp8_lib.applies(p["lm_head"])
     if chunk_len <= 0 or chunk_len >= x_BTD.shape[1]:
-        return _head_loss(x_BTD, p["lm_head"], targets_BT, weights_BT, config.vocab_size)
+        return _head_loss(x_BTD, p["lm_head"], targets_BT, weights_BT, config.vocab_size, fp8)
     B, T, D = x_BTD.shape
     pad = -T % chunk_len
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
@@ -530,21 +547,23 @@ def loss_sum(params, tokens_BT, targets_BT, config: GPTConfig, *, dtype=None, at
 
     @jax.checkpoint
     def chunk(carry, xs):
-        total, count = _head_loss(xs[0], p["lm_head"], xs[1], xs[2] if len(xs) > 2 else None, config.vocab_size)
+        total, count = _head_loss(xs[0], p["lm_head"], xs[1], xs[2] if len(xs) > 2 else None, config.vocab_size, fp8)
         return (carry[0] + total, carry[1] + count), None
 
     (total, count), _ = jax.lax.scan(chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), xs)
     return total, count
 
 
-def _head_loss(x_BTD, lm_head, targets_BT, weights_BT, vocab_size):
+def _head_loss(x_BTD, lm_head, targets_BT, weights_BT, vocab_size, fp8):
     """(summed token losses, number of counted targets) of the head on hidden states `x_BTD`."""
-    total = head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size)
+    if fp8:
+        lm_head = lm_head.astype(x_BTD.dtype)
+    total = head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size, fp8)
     return total, jnp.sum(targets_BT != IGNORE_INDEX)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size: int, fp8: bool = False):
     """sum over counted targets of weight x (logsumexp(c) - c[target]), where c = softcap(x W^T)
     in float32 over the first `vocab_size` columns (the rest is the vocabulary's padding); targets
     equal to -1 are ignored and `weights_BT=None` means weight 1.
@@ -553,9 +572,10 @@ def head_loss_sum(x_BTD, lm_head, targets_BT, weights_BT, vocab_size: int):
     Under differentiation the forward pass goes on from each row's log-sum-exp to the gradient at
     the logits for a cotangent of 1 (on a GPU in one kernel, `kernels/cross_entropy.py`: the
     logits are read once and their softcap computed once) and keeps that instead of the logits;
-    the backward pass scales the head's two products by the cotangent.
+    the backward pass scales the head's two products by the cotangent. `fp8`: the head's three
+    products in FP8 (`nanochat_jax/fp8.py`); the gradient at the logits is quantized unscaled.
     """
-    logits_BTP = linear(x_BTD, lm_head)
+    logits_BTP = (fp8_lib.linear if fp8 else linear)(x_BTD, lm_head)
     lse_BT = _log_sum_exp(logits_BTP, vocab_size)
     return _loss_total(logits_BTP, lse_BT, targets_BT, _loss_coefficients(targets_BT, weights_BT))
 
@@ -608,18 +628,26 @@ def _softcapped_cross_entropy_grad_xla(logits_BTP, targets_BT, coef_BT, vocab_si
     return jnp.pad(dz_BTV, pad).astype(logits_BTP.dtype), lse_BT
 
 
-def _head_loss_sum_fwd(x_BTD, lm_head, targets_BT, weights_BT, vocab_size):
-    logits_BTP = linear(x_BTD, lm_head)
+def _head_loss_sum_fwd(x_BTD, lm_head, targets_BT, weights_BT, vocab_size, fp8):
+    if fp8:
+        logits_BTP, product = fp8_lib.product_fwd(x_BTD, lm_head)
+    else:
+        logits_BTP, product = linear(x_BTD, lm_head), (x_BTD, lm_head)
     coef_BT = _loss_coefficients(targets_BT, weights_BT)
     dz_BTP, lse_BT = _softcapped_cross_entropy_grad(logits_BTP, targets_BT, coef_BT, vocab_size)
-    return _loss_total(logits_BTP, lse_BT, targets_BT, coef_BT), (x_BTD, lm_head, dz_BTP)
+    return _loss_total(logits_BTP, lse_BT, targets_BT, coef_BT), (product, dz_BTP)
 
 
-def _head_loss_sum_bwd(vocab_size, residuals, g):
-    x_BTD, lm_head, dz_BTP = residuals
-    dx = g * jnp.einsum("...o,oi->...i", dz_BTP, lm_head, preferred_element_type=jnp.float32)
-    dw = g * jnp.einsum("...o,...i->oi", dz_BTP, x_BTD, preferred_element_type=jnp.float32)
-    return dx.astype(x_BTD.dtype), dw.astype(lm_head.dtype), None, None
+def _head_loss_sum_bwd(vocab_size, fp8, residuals, g):
+    product, dz_BTP = residuals
+    if fp8:  # x, W and so the logits and dz share one dtype (`_head_loss`)
+        (dx, dw), x_dtype, w_dtype = fp8_lib.product_bwd(product, dz_BTP, jnp.float32), dz_BTP.dtype, dz_BTP.dtype
+    else:
+        x_BTD, lm_head = product
+        dx = jnp.einsum("...o,oi->...i", dz_BTP, lm_head, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("...o,...i->oi", dz_BTP, x_BTD, preferred_element_type=jnp.float32)
+        x_dtype, w_dtype = x_BTD.dtype, lm_head.dtype
+    return (g * dx).astype(x_dtype), (g * dw).astype(w_dtype), None, None
 
 
 head_loss_sum.defvjp(_head_loss_sum_fwd, _head_loss_sum_bwd)

@@ -29,6 +29,7 @@ class StepConfig:
     dtype: str = "float32"
     attention_backend: str = "xla"
     loss_chunk_len: int = 0  # > 0: the head and loss run chunk by chunk (see model.loss_sum)
+    fp8: bool = False  # the linear layers' products in FP8 (nanochat_jax/fp8.py)
 
 
 def _accumulate(params, acc, tokens_BT, targets_BT, count, weights_BT=None, *, step_config: StepConfig,
@@ -46,7 +47,8 @@ def _accumulate(params, acc, tokens_BT, targets_BT, count, weights_BT=None, *, s
     def micro_loss(rest, rows):
         total, _ = model.loss_sum(rest, tokens_BT, targets_BT, config, dtype=step_config.dtype,
                                   attention_backend=step_config.attention_backend,
-                                  chunk_len=step_config.loss_chunk_len, weights_BT=weights_BT, rows=rows)
+                                  chunk_len=step_config.loss_chunk_len, weights_BT=weights_BT, rows=rows,
+                                  fp8=step_config.fp8)
         return total / count
 
     loss, (rest_grads, row_grads) = jax.value_and_grad(micro_loss, argnums=(0, 1))(rest, rows)

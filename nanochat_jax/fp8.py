@@ -1,0 +1,86 @@
+"""FP8 products for training the linear layers: the reference's `--fp8` recipe ("tensorwise").
+
+A linear layer makes three products: y = x W^T forward, dx = g W and dW = g^T x backward. Here each
+runs on 8-bit floating-point operands, each operand with one float32 scale for the whole tensor,
+recomputed from its largest magnitude at every call (no history): the input and the weight in
+e4m3 (more mantissa), the output's gradient in e5m2 (more range). The forward product accumulates
+the fast way, the two backward products the precise way, as the reference's `torch._scaled_mm`
+calls do. Only training uses this; evaluation and sampling stay in the compute dtype.
+
+How it reaches the FP8 tensor cores: the operands are dequantized in float32 (convert, then times
+the inverse scale) right before a `dot_general` whose result has the output's dtype. On Hopper, XLA rewrites that pattern into one
+cuBLASLt FP8 GEMM that takes the scales as arguments (the float32 operands never exist), and picks
+fast accumulation when the dot's precision is DEFAULT and the precise one when it is HIGHEST.
+Elsewhere (the CPU tests) the same graph is a float32 product of the dequantized values: the
+exact result that the GEMM approximates.
+"""
+
+import jax
+import jax.numpy as jnp
+
+E4M3 = jnp.float8_e4m3fn  # inputs and weights
+E5M2 = jnp.float8_e5m2  # gradients
+EPS = 1e-12  # the smallest magnitude a scale is taken from: an all-zero tensor gets a finite scale
+MIN_FEATURES = 128  # smaller layers (the gates) stay in the compute dtype, as in the reference
+
+
+def applies(w_OI) -> bool:
+    """Whether a weight's layer trains in FP8: the reference's filter, both sides a multiple of 16
+    (what the FP8 GEMM needs) and the smaller one at least 128."""
+    out_features, in_features = w_OI.shape[-2:]
+    return out_features % 16 == 0 and in_features % 16 == 0 and min(out_features, in_features) >= MIN_FEATURES
+
+
+def quantize(x, dtype):
+    """(x in `dtype`, the float32 inverse of its scale), with scale = dtype's max / max |x|: the
+    largest magnitude lands on the format's largest value, the rest rounds to nearest (even) after
+    saturating, so nothing overflows to NaN. The reference divides in float64; float32 division
+    is correctly rounded too, so the scales agree but for rounding ties."""
+    fmax = float(jnp.finfo(dtype).max)
+    x32 = x.astype(jnp.float32)
+    scale = fmax / jnp.maximum(jnp.max(jnp.abs(x32)), EPS)
+    return jnp.clip(x32 * scale, -fmax, fmax).astype(dtype), 1.0 / scale
+
+
+def _scaled_dot(a_q, a_inv, b_q, b_inv, contract, out_dtype, fast_accumulation):
+    """a · b for 2-D quantized operands contracting dims `contract` = (a's, b's), in `out_dtype`:
+    the FP8 product, then times both inverse scales (see the module's docstring)."""
+    precision = jax.lax.Precision.DEFAULT if fast_accumulation else jax.lax.Precision.HIGHEST
+    y = jax.lax.dot_general(a_q, b_q, (contract, ((), ())), precision=precision, preferred_element_type=out_dtype)
+    return y * (a_inv * b_inv).astype(out_dtype)
+
+
+def product_fwd(x, w_OI):
+    """y = x W^T in x's dtype from e4m3 operands, and what `product_bwd` needs (the quantized
+    operands, x's as rows: (tokens, in))."""
+    x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), E4M3)
+    w_q, w_inv = quantize(w_OI, E4M3)
+    y = _scaled_dot(x_q, x_inv, w_q, w_inv, ((1,), (1,)), x.dtype, fast_accumulation=True)
+    return y.reshape(*x.shape[:-1], -1), (x_q, x_inv, w_q, w_inv)
+
+
+def product_bwd(residuals, g, out_dtype):
+    """(dx, dW) = (g W, g^T x) in `out_dtype` for y = x W^T, with g quantized to e5m2."""
+    x_q, x_inv, w_q, w_inv = residuals
+    g_q, g_inv = quantize(g.reshape(-1, g.shape[-1]), E5M2)
+    dx = _scaled_dot(g_q, g_inv, w_q, w_inv, ((1,), (0,)), out_dtype, fast_accumulation=False)
+    dw = _scaled_dot(g_q, g_inv, x_q, x_inv, ((0,), (0,)), out_dtype, fast_accumulation=False)
+    return dx.reshape(*g.shape[:-1], -1), dw
+
+
+def linear(x, w_OI):
+    """x @ W^T for a weight kept in (out, in) orientation, its three products in FP8; the result
+    and both gradients in x's dtype (the weight's gradient is cast back to its own)."""
+    return _linear(x, w_OI.astype(x.dtype))
+
+
+@jax.custom_vjp
+def _linear(x, w_OI):
+    return product_fwd(x, w_OI)[0]
+
+
+def _linear_bwd(residuals, g):
+    return product_bwd(residuals, g, g.dtype)
+
+
+_linear.defvjp(product_fwd, _linear_bwd)
