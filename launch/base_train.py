@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
     g = p.add_argument_group("optimization")
     g.add_argument("--device-batch-size", type=int, default=32, help="rows per device per micro-step")
+    g.add_argument("--fp8", action="store_true",
+                   help="train the linear layers' products in FP8 with per-tensor scales, as the reference's --fp8 "
+                        "(Hopper or newer GPUs run them on FP8 tensor cores; elsewhere they are emulated, slowly); "
+                        "evaluation stays in the compute dtype")
     g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = derive)")
     g.add_argument("--embedding-lr", type=float, default=0.3)
     g.add_argument("--unembedding-lr", type=float, default=0.008)
@@ -142,14 +146,15 @@ def run(args):
     rows_per_micro = args.device_batch_size * n_devices
     micro_steps = loop_lib.micro_steps(hp.total_batch_size, args.device_batch_size, args.max_seq_len, n_devices)
     dtype = compute_dtype()
-    step_config = train.StepConfig(model=config, dtype=dtype.name, attention_backend=default_backend())
+    step_config = train.StepConfig(model=config, dtype=dtype.name, attention_backend=default_backend(), fp8=args.fp8)
 
     print(f"model: {json.dumps(config.to_json_dict())}")
     print(f"parameters: {json.dumps(model.param_counts(config))}")
     print(f"FLOPs per token: {flops_per_token:.4e}")
     print(hp)
     print(f"iterations: {num_iterations:,} | devices: {n_devices} ({jax.devices()[0].device_kind}) | "
-          f"micro-steps per step: {micro_steps} of {rows_per_micro} x {args.max_seq_len} | compute dtype: {dtype.name}")
+          f"micro-steps per step: {micro_steps} of {rows_per_micro} x {args.max_seq_len} | compute dtype: {dtype.name}"
+          f"{' | FP8 products' if args.fp8 else ''}")
 
     # The schedules run inside the compiled update, from the optimizer's own step count (saved with
     # it, so a resumed run continues them): nothing to compute or transfer on the host per step.

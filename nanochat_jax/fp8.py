@@ -7,12 +7,14 @@ e4m3 (more mantissa), the output's gradient in e5m2 (more range). The forward pr
 the fast way, the two backward products the precise way, as the reference's `torch._scaled_mm`
 calls do. Only training uses this; evaluation and sampling stay in the compute dtype.
 
-How it reaches the FP8 tensor cores: the operands are dequantized in float32 (convert, then times
-the inverse scale) right before a `dot_general` whose result has the output's dtype. On Hopper, XLA rewrites that pattern into one
-cuBLASLt FP8 GEMM that takes the scales as arguments (the float32 operands never exist), and picks
-fast accumulation when the dot's precision is DEFAULT and the precise one when it is HIGHEST.
-Elsewhere (the CPU tests) the same graph is a float32 product of the dequantized values: the
-exact result that the GEMM approximates.
+How it reaches the FP8 tensor cores: the 8-bit operands go straight into a `dot_general` with a
+bfloat16 (the compute dtype's) result, which is then multiplied by the two inverse scales. On
+Hopper XLA makes that one cuBLASLt FP8 GEMM with the product of the scales applied inside it
+(rounded to bfloat16 first: within 2^-9 of the reference's float32 scales), and picks fast
+accumulation when the dot's precision is DEFAULT, the precise one when it is HIGHEST. Dequantizing
+the operands before the dot (convert, times the scale) is the pattern XLA documents, but this XLA
+left it a bfloat16 GEMM on dequantized copies (measured: docs/perf_notes.md section 18).
+Elsewhere (the CPU tests) the same graph is a product of the exact FP8 values.
 """
 
 import jax
