@@ -114,7 +114,7 @@ case "$preset" in
     # The reference's recipes: d24 slightly under-trained (8 tokens per parameter) to beat GPT-2;
     # the seed's d20 ($100) and d26 ($300) at 20 tokens per parameter.
     case "$preset" in
-      speedrun) shards=170 base_flags=(--depth 24 --target-param-data-ratio 8 --device-batch-size 16) ;;
+      speedrun) shards=170 base_flags=(--depth 24 --target-param-data-ratio 8 --device-batch-size 16 --fp8) ;;
       d20) shards=240 base_flags=(--depth 20 --target-param-data-ratio 20 --device-batch-size 32) ;;
       d26) shards=450 base_flags=(--depth 26 --target-param-data-ratio 20 --device-batch-size 16) ;;
     esac
