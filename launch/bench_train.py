@@ -184,7 +184,7 @@ def main(argv=None):
             print(f"d{depth} {pattern}, device batch {args.device_batch_size}: out of device memory "
                   f"({str(e).splitlines()[0][:160]}); a smaller --device-batch-size needs less", file=sys.stderr)
             r = {"depth": depth, "window_pattern": pattern, "device_batch_size": args.device_batch_size,
-                 "devices": num_devices or jax.device_count(), "error": "out of device memory"}
+                 "devices": num_devices or jax.device_count(), "fp8": args.fp8, "error": "out of device memory"}
         results.append(r)
         if "profile" in r:
             print_profile(r, top=40)
@@ -193,7 +193,7 @@ def main(argv=None):
               "MFU ceil", "peak GB", "compile s")
     print(" | ".join(header))
     for r in results:
-        row = [str(r["depth"]), r["window_pattern"], "fp8" if args.fp8 else r.get("dtype", ""), str(r["devices"])]
+        row = [str(r["depth"]), r["window_pattern"], "fp8" if r.get("fp8") else r.get("dtype", ""), str(r["devices"])]
         if "error" in r:
             print(" | ".join(row + [r["error"]]))
             continue

@@ -142,9 +142,9 @@ class OneStepLate:
     call (docs/perf_notes.md section 17).
 
     `on_done(loss, dt, **metrics)` is called once per step, in order, with the loss as a float, the
-    step's wall time and the metrics given at dispatch. The first step is waited for at once. Call `settle()` before anything that reads
-    what `on_done` accounts for (a checkpoint's metadata, an eval record, the end of the run): it
-    waits for the step in flight and accounts for it.
+    step's wall time and the metrics given at dispatch. The first step is waited for at once. Call
+    `settle()` before anything that reads what `on_done` accounts for (a checkpoint's metadata, an
+    eval record, the end of the run): it waits for the step in flight and accounts for it.
     """
 
     def __init__(self, step_fn, on_done):
