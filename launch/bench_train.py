@@ -4,8 +4,9 @@ Times the real training step (model, loss, Muon + AdamW, gradient accumulation o
 on random tokens already on the device, after compilation, the way the training loop runs it
 (`launch.loop.OneStepLate`: each step dispatched before the previous one's loss is read, and timed
 from the previous one's end to its own): the median of several full optimizer steps. Also times
-one micro-step alone (forward + backward) so the optimizer's share is visible. Prints a table and, last, a JSON line. Several depths or window
-patterns (comma-separated) run in one call, each in the same process and on the same device.
+one micro-step alone (forward + backward) so the optimizer's share is visible. Prints a table and,
+last, a JSON line. Several depths or window patterns (comma-separated) run in one call, each in the
+same process and on the same device.
 """
 
 import argparse
@@ -117,8 +118,7 @@ def bench(depth, window_pattern, device_batch_size, total_batch_size, seq_len, s
         "device_batch_size": device_batch_size, "seq_len": seq_len, "micro_steps": micro_steps,
         "devices": len(devices), "device_kind": devices[0].device_kind, "dtype": dtype.name, "fp8": fp8,
         "tokens_per_s": total_batch_size / step_s, "tokens_per_s_per_device": total_batch_size / step_s / len(devices), "step_ms": 1e3 * step_s,
-        # A step's time ends when the host reads its loss, late by however long the next dispatch
-        # blocked, and the next step's is short by as much: the mean is the steps' span over their count.
+        # The steps' span over their count.
         "step_ms_mean": 1e3 * statistics.mean(times),
         "micro_step_ms": 1e3 * micro_s, "optimizer_ms_est": 1e3 * (step_s - micro_steps * micro_s),
         "mfu_989": 100 * flops / step_s / (PEAK_BF16 * len(devices)),

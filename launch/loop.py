@@ -8,6 +8,7 @@ object per line: training steps carry `loss`, evaluations `val_bpb`) and, once t
 finished, `summary.json` (see `write_summary`).
 """
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -145,19 +146,26 @@ class OneStepLate:
     step's wall time and the metrics given at dispatch. The first step is waited for at once. Call
     `settle()` before anything that reads what `on_done` accounts for (a checkpoint's metadata, an
     eval record, the end of the run): it waits for the step in flight and accounts for it.
+
+    A step's time runs from its start on the device (its dispatch, or the end of the step queued
+    before it) to its end. The ends are noted by a thread that waits for each step in turn: the
+    host reads a loss only once the next dispatch has returned, which blocks until the device's
+    launch queue has room, so by then the step may have ended long before.
     """
 
     def __init__(self, step_fn, on_done):
         self.step_fn, self.on_done = step_fn, on_done
-        self.in_flight = None  # (loss, dispatch time, metrics) of the step not yet accounted for
-        self.last_done = -math.inf  # when the host last saw a step finish
+        self.in_flight = None  # (loss, future end time, dispatch time, metrics) of the step not yet accounted for
+        self.last_end = -math.inf  # when the last step accounted for ended
+        self.watcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-ends")
 
     def __call__(self, params, opt_state, *batch, **metrics):
         dispatched = time.perf_counter()
         params, opt_state, loss = self.step_fn(params, opt_state, *batch)
+        end = self.watcher.submit(_end_time, loss)
         self.settle()
-        self.in_flight = (loss, dispatched, metrics)
-        if self.last_done == -math.inf:
+        self.in_flight = (loss, end, dispatched, metrics)
+        if self.last_end == -math.inf:
             # The first step compiles: waited for at once, so that its time holds nothing of the next.
             self.settle()
         return params, opt_state
@@ -165,14 +173,17 @@ class OneStepLate:
     def settle(self):
         if self.in_flight is None:
             return
-        loss, dispatched, metrics = self.in_flight
+        loss, end, dispatched, metrics = self.in_flight
         self.in_flight = None
-        loss = float(loss)  # waits for the step
-        done = time.perf_counter()
-        # The step started on the device when it was dispatched, or when the step before it
-        # finished if that was later (it was queued behind it).
-        self.on_done(loss, done - max(dispatched, self.last_done), **metrics)
-        self.last_done = done
+        end = end.result()  # waits for the step
+        self.on_done(float(loss), end - max(dispatched, self.last_end), **metrics)
+        self.last_end = end
+
+
+def _end_time(loss):
+    """When the step that computes `loss` ended, seen from a thread that does nothing but wait for it."""
+    loss.block_until_ready()
+    return time.perf_counter()
 
 
 def step_accounting(*, start_step: int, loop: dict, flops_per_token: int, log: MetricsLog, bar: tqdm):

@@ -4,6 +4,8 @@ assembled ahead on the mesh, with an iterator state that resumes after the last 
 
 import io
 import json
+import math
+import threading
 import time
 
 import grain
@@ -18,19 +20,23 @@ from nanochat_jax import sharding
 
 class FakeDevice:
     """A clock and a device that runs each dispatched step for `step_s` seconds, after the step
-    before it: reading a step's loss moves the clock to the step's end (if it is not past it)."""
+    before it. A dispatch takes `dispatch_s`, then blocks until at most `queue_s` of work is queued
+    (the launch queue's room). Reading a step's loss moves the clock to the step's end (if it is not
+    past it); a thread that waits for a step reads the clock as the step ends."""
 
-    def __init__(self, step_s=10.0, dispatch_s=1.0):
-        self.now, self.step_s, self.dispatch_s = 0.0, step_s, dispatch_s
+    def __init__(self, step_s=10.0, dispatch_s=1.0, queue_s=math.inf):
+        self.now, self.step_s, self.dispatch_s, self.queue_s = 0.0, step_s, dispatch_s, queue_s
         self.device_free_at = 0.0
         self.events = []
+        self.waiters_now = {}  # thread id -> the end of the step that thread last waited for
 
     def clock(self):
-        return self.now
+        return self.waiters_now.get(threading.get_ident(), self.now)
 
     def step_fn(self, params, opt_state, batch):
         self.now += self.dispatch_s
         self.device_free_at = max(self.now, self.device_free_at) + self.step_s
+        self.now = max(self.now, self.device_free_at - self.queue_s)
         self.events.append(("dispatch", batch))
         return params + 1, opt_state, Loss(self, batch, self.device_free_at)
 
@@ -43,6 +49,10 @@ class Loss:
         self.device.events.append(("read", self.step))
         self.device.now = max(self.device.now, self.ready_at)
         return float(self.step)
+
+    def block_until_ready(self):
+        self.device.waiters_now[threading.get_ident()] = self.ready_at
+        return self
 
 
 @pytest.fixture
@@ -80,6 +90,19 @@ def test_step_times_add_up_to_the_device_time(device):
     steps(0, None, 4)
     steps.settle()
     assert times[-1] == device.dispatch_s + device.step_s
+
+
+def test_step_times_are_the_devices_when_dispatch_blocks(device):
+    # Each dispatch returns only once half a step is left queued, so the host reads a loss well
+    # after its step ended; the times still run from each step's start on the device to its end,
+    # the last step's included.
+    device.queue_s = device.step_s / 2
+    times = []
+    steps = loop_lib.OneStepLate(device.step_fn, lambda loss, dt: times.append(dt))
+    for i in range(4):
+        steps(0, None, i)
+    steps.settle()
+    assert times == [device.dispatch_s + device.step_s] * 2 + [device.step_s] * 2
 
 
 def test_accounting_keeps_compilation_out_of_the_training_time(device, tmp_path):
