@@ -38,10 +38,32 @@ def quantize(x, dtype):
     largest magnitude lands on the format's largest value, the rest rounds to nearest (even) after
     saturating, so nothing overflows to NaN. The reference divides in float64; float32 division
     is correctly rounded too, so the scales agree but for rounding ties."""
+    scale = _scale(x, dtype)
+    return _scaled_cast(x, scale, dtype), 1.0 / scale
+
+
+def quantize_both_layouts(x, dtype):
+    """`quantize` of a 2-D x, the result also transposed: (x_q, x_q^T, inverse scale). On a GPU
+    one kernel writes both (`kernels/dual_layout.py`); XLA would transpose the 8-bit copy in a
+    pass of its own."""
+    scale = _scale(x, dtype)
+    from kernels import dual_layout
+
+    if dual_layout.supported(x):
+        x_q, x_q_t = dual_layout.map_both_layouts(_scaled_cast, x, scale, dtype)
+    else:
+        x_q = _scaled_cast(x, scale, dtype)
+        x_q_t = x_q.T
+    return x_q, x_q_t, 1.0 / scale
+
+
+def _scale(x, dtype):
+    return float(jnp.finfo(dtype).max) / jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), EPS)
+
+
+def _scaled_cast(x, scale, dtype):
     fmax = float(jnp.finfo(dtype).max)
-    x32 = x.astype(jnp.float32)
-    scale = fmax / jnp.maximum(jnp.max(jnp.abs(x32)), EPS)
-    return jnp.clip(x32 * scale, -fmax, fmax).astype(dtype), 1.0 / scale
+    return jnp.clip(x.astype(jnp.float32) * scale, -fmax, fmax).astype(dtype)
 
 
 def _scaled_dot(a_q, a_inv, b_q, b_inv, contract, out_dtype, fast_accumulation):
@@ -54,19 +76,19 @@ def _scaled_dot(a_q, a_inv, b_q, b_inv, contract, out_dtype, fast_accumulation):
 
 def product_fwd(x, w_OI):
     """y = x W^T in x's dtype from e4m3 operands, and what `product_bwd` needs (the quantized
-    operands, x's as rows: (tokens, in))."""
-    x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), E4M3)
+    operands; x's transposed, (in, tokens), the layout of the weight gradient's product)."""
+    x_q, x_q_t, x_inv = quantize_both_layouts(x.reshape(-1, x.shape[-1]), E4M3)
     w_q, w_inv = quantize(w_OI, E4M3)
     y = _scaled_dot(x_q, x_inv, w_q, w_inv, ((1,), (1,)), x.dtype, fast_accumulation=True)
-    return y.reshape(*x.shape[:-1], -1), (x_q, x_inv, w_q, w_inv)
+    return y.reshape(*x.shape[:-1], -1), (x_q_t, x_inv, w_q, w_inv)
 
 
 def product_bwd(residuals, g, out_dtype):
     """(dx, dW) = (g W, g^T x) in `out_dtype` for y = x W^T, with g quantized to e5m2."""
-    x_q, x_inv, w_q, w_inv = residuals
-    g_q, g_inv = quantize(g.reshape(-1, g.shape[-1]), E5M2)
+    x_q_t, x_inv, w_q, w_inv = residuals
+    g_q, g_q_t, g_inv = quantize_both_layouts(g.reshape(-1, g.shape[-1]), E5M2)
     dx = _scaled_dot(g_q, g_inv, w_q, w_inv, ((1,), (0,)), out_dtype, fast_accumulation=False)
-    dw = _scaled_dot(g_q, g_inv, x_q, x_inv, ((0,), (0,)), out_dtype, fast_accumulation=False)
+    dw = _scaled_dot(g_q_t, g_inv, x_q_t, x_inv, ((1,), (1,)), out_dtype, fast_accumulation=False)
     return dx.reshape(*g.shape[:-1], -1), dw
 
 
