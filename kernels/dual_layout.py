@@ -35,6 +35,9 @@ def _kernel(x_ref, scale_ref, y_ref, y_t_ref, *, fn):
 def _local(x, scale, *, fn, out_dtype, block, num_warps, interpret):
     M, C = x.shape
     bm, bc = block
+    if M % bm or C % bc:  # a device's share of the rows need not divide by the block as the whole does
+        y = fn(x, scale[0], out_dtype)
+        return y, y.T
     return pl.pallas_call(
         functools.partial(_kernel, fn=fn),
         grid=(M // bm, C // bc),
@@ -57,7 +60,8 @@ def _sharded(fn, out_dtype, block, num_warps, interpret):
 
 def supported(x, block=BLOCK) -> bool:
     """Whether the kernel runs for a 2-D x: a GPU with FP8 conversions (compute capability 8.9 or
-    more) and both sides multiples of the block's."""
+    more) and both sides multiples of the block's. (Split over devices, a share of the rows that
+    does not divide by the block is mapped by XLA.)"""
     if jax.default_backend() != "gpu" or x.ndim != 2:
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "0.0")
@@ -66,7 +70,7 @@ def supported(x, block=BLOCK) -> bool:
 
 def map_both_layouts(fn, x, scale, out_dtype, *, block=BLOCK, num_warps=NUM_WARPS, interpret=False):
     """(y, y.T) for y = fn(x, scale, out_dtype), an elementwise map of a 2-D x (M, C) with a float32
-    scalar, each side a multiple of the block's. `fn` must be hashable and the same object from call
+    scalar (see `supported`). `fn` must be hashable and the same object from call
     to call (a module-level function): each distinct one is a kernel of its own."""
     scale = jnp.reshape(scale, (1,)).astype(jnp.float32)
     return _sharded(fn, jnp.dtype(out_dtype), tuple(block), num_warps, interpret)(x, scale)
