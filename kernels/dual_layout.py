@@ -35,7 +35,7 @@ def _kernel(x_ref, scale_ref, y_ref, y_t_ref, *, fn):
 def _local(x, scale, *, fn, out_dtype, block, num_warps, interpret):
     M, C = x.shape
     bm, bc = block
-    if M % bm or C % bc:  # a device's share of the rows need not divide by the block as the whole does
+    if M % bm or C % bc:  # a device's share of the rows may not divide by the block
         y = fn(x, scale[0], out_dtype)
         return y, y.T
     return pl.pallas_call(
@@ -64,13 +64,13 @@ def supported(x, block=BLOCK) -> bool:
     does not divide by the block is mapped by XLA.)"""
     if jax.default_backend() != "gpu" or x.ndim != 2:
         return False
-    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
-    return tuple(map(int, capability.split("."))) >= (8, 9) and x.shape[0] % block[0] == 0 and x.shape[1] % block[1] == 0
+    capability = tuple(map(int, getattr(jax.devices()[0], "compute_capability", "0.0").split(".")))
+    return capability >= (8, 9) and x.shape[0] % block[0] == 0 and x.shape[1] % block[1] == 0
 
 
 def map_both_layouts(fn, x, scale, out_dtype, *, block=BLOCK, num_warps=NUM_WARPS, interpret=False):
     """(y, y.T) for y = fn(x, scale, out_dtype), an elementwise map of a 2-D x (M, C) with a float32
-    scalar (see `supported`). `fn` must be hashable and the same object from call
-    to call (a module-level function): each distinct one is a kernel of its own."""
+    scalar (see `supported`). `fn` must be hashable and the same object from call to call (a
+    module-level function): each distinct one is a kernel of its own."""
     scale = jnp.reshape(scale, (1,)).astype(jnp.float32)
     return _sharded(fn, jnp.dtype(out_dtype), tuple(block), num_warps, interpret)(x, scale)

@@ -155,7 +155,7 @@ class OneStepLate:
 
     def __init__(self, step_fn, on_done):
         self.step_fn, self.on_done = step_fn, on_done
-        self.in_flight = None  # (loss, future end time, dispatch time, metrics) of the step not yet accounted for
+        self.in_flight = None  # (loss, future end, dispatch time, metrics) of the step not accounted for
         self.last_end = -math.inf  # when the last step accounted for ended
         self.watcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-ends")
 

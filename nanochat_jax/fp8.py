@@ -15,6 +15,9 @@ accumulation when the dot's precision is DEFAULT, the precise one when it is HIG
 the operands before the dot (convert, times the scale) is the pattern XLA documents, but this XLA
 left it a bfloat16 GEMM on dequantized copies (measured: docs/perf_notes.md section 18).
 Elsewhere (the CPU tests) the same graph is a product of the exact FP8 values.
+
+Those GEMMs take both operands with the contracted dimension innermost, and the weight gradient
+contracts over the tokens: x and g are quantized in both layouts at once (`quantize_both_layouts`).
 """
 
 import jax
