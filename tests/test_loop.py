@@ -77,7 +77,12 @@ def test_each_loss_is_read_after_the_next_step_is_dispatched(device):
     assert done == [(0.0, {"step": 0}), (1.0, {"step": 1}), (2.0, {"step": 2})]
 
 
-def test_step_times_add_up_to_the_device_time(device):
+@pytest.mark.parametrize("queue_steps", [math.inf, 0.5], ids=["dispatch-never-blocks", "dispatch-blocks"])
+def test_step_times_add_up_to_the_device_time(device, queue_steps):
+    # With "dispatch-blocks" a dispatch returns only once half a step is left queued, so the host
+    # reads a loss well after its step ended: the times still run from each step's start on the
+    # device to its end, the last step's included.
+    device.queue_s = queue_steps * device.step_s
     times = []
     steps = loop_lib.OneStepLate(device.step_fn, lambda loss, dt: times.append(dt))
     for i in range(4):
@@ -90,19 +95,6 @@ def test_step_times_add_up_to_the_device_time(device):
     steps(0, None, 4)
     steps.settle()
     assert times[-1] == device.dispatch_s + device.step_s
-
-
-def test_step_times_are_the_devices_when_dispatch_blocks(device):
-    # Each dispatch returns only once half a step is left queued, so the host reads a loss well
-    # after its step ended; the times still run from each step's start on the device to its end,
-    # the last step's included.
-    device.queue_s = device.step_s / 2
-    times = []
-    steps = loop_lib.OneStepLate(device.step_fn, lambda loss, dt: times.append(dt))
-    for i in range(4):
-        steps(0, None, i)
-    steps.settle()
-    assert times == [device.dispatch_s + device.step_s] * 2 + [device.step_s] * 2
 
 
 def test_accounting_keeps_compilation_out_of_the_training_time(device, tmp_path):
