@@ -8,7 +8,8 @@ in another, which reads the whole tensor again (`docs/perf_notes.md` section 18)
 maps a block of rows and columns and stores the result twice, as it is and transposed.
 
 Sharding: the rows stay split over the batch like the input's, so the transposed result is split
-on its columns (`kernels.partition.rows_parallel`); no collective.
+on its columns (`kernels.partition.rows_parallel`); no collective. Where the kernel does not run
+(`supported`) the same map runs in XLA, followed by a transpose.
 """
 
 import functools
@@ -32,12 +33,16 @@ def _kernel(x_ref, scale_ref, y_ref, y_t_ref, *, fn):
     y_t_ref[...] = y.T
 
 
+def _by_xla(fn, x, scale, out_dtype):
+    y = fn(x, scale, out_dtype)
+    return y, y.T
+
+
 def _local(x, scale, *, fn, out_dtype, block, num_warps, interpret):
     M, C = x.shape
     bm, bc = block
     if M % bm or C % bc:  # a device's share of the rows may not divide by the block
-        y = fn(x, scale[0], out_dtype)
-        return y, y.T
+        return _by_xla(fn, x, scale[0], out_dtype)
     return pl.pallas_call(
         functools.partial(_kernel, fn=fn),
         grid=(M // bm, C // bc),
@@ -70,7 +75,10 @@ def supported(x, block=BLOCK) -> bool:
 
 def map_both_layouts(fn, x, scale, out_dtype, *, block=BLOCK, num_warps=NUM_WARPS, interpret=False):
     """(y, y.T) for y = fn(x, scale, out_dtype), an elementwise map of a 2-D x (M, C) with a float32
-    scalar (see `supported`). `fn` must be hashable and the same object from call to call (a
-    module-level function): each distinct one is a kernel of its own."""
+    scalar: the kernel where it runs (`supported`, or `interpret`), else XLA's map and a transpose.
+    `fn` must be hashable and the same object from call to call (a module-level function): each
+    distinct one is a kernel of its own."""
+    if not (interpret or supported(x, block)):
+        return _by_xla(fn, x, scale, out_dtype)
     scale = jnp.reshape(scale, (1,)).astype(jnp.float32)
     return _sharded(fn, jnp.dtype(out_dtype), tuple(block), num_warps, interpret)(x, scale)

@@ -49,14 +49,10 @@ def quantize_both_layouts(x, dtype):
     """`quantize` of a 2-D x, the result also transposed: (x_q, x_q^T, inverse scale). On a GPU
     one kernel writes both (`kernels/dual_layout.py`); XLA would transpose the 8-bit copy in a
     pass of its own."""
-    scale = _scale(x, dtype)
     from kernels import dual_layout
 
-    if dual_layout.supported(x):
-        x_q, x_q_t = dual_layout.map_both_layouts(_scaled_cast, x, scale, dtype)
-    else:
-        x_q = _scaled_cast(x, scale, dtype)
-        x_q_t = x_q.T
+    scale = _scale(x, dtype)
+    x_q, x_q_t = dual_layout.map_both_layouts(_scaled_cast, x, scale, dtype)
     return x_q, x_q_t, 1.0 / scale
 
 
