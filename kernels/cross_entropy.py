@@ -15,11 +15,12 @@ runs it in the forward pass under differentiation and keeps the gradient instead
 (`nanochat_jax.model.head_loss_sum`); the backward pass only scales the head's products by the
 cotangent.
 
-Same float32 arithmetic as the model's jnp version; only the order of the log-sum-exp's sum
-differs. Rows keep the batch's sharding (`kernels.partition.rows_parallel`).
+Same float32 arithmetic as the model's jnp version, but for the exp (see `_exp`) and the order of
+the log-sum-exp's sum. Rows keep the batch's sharding (`kernels.partition.rows_parallel`).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from kernels.partition import rows_parallel
 MAX_ROW = 32768  # a row of float32 c in registers: 32 values per thread at 32 warps
 NUM_WARPS = 32
 ROWS_PER_PROGRAM = 64  # rows one program walks through, each row's load issued during the previous row
+LOG2_E = math.log2(math.e)
 
 
 def supported(z_BTP) -> bool:
@@ -38,6 +40,13 @@ def supported(z_BTP) -> bool:
     MAX_ROW (one row per program, held in registers)."""
     P = z_BTP.shape[-1]
     return jax.default_backend() == "gpu" and z_BTP.ndim == 3 and P & (P - 1) == 0 and P <= MAX_ROW
+
+
+def _exp(x):
+    """exp as Triton lowers its own float32 exp (torch.compile's kernels included): one hardware
+    exp2 of x · log2 e. Pallas lowers `jnp.exp` to libdevice's `expf` instead, whose range
+    reduction made this kernel 1.2x slower (kernels/README.md, the loss)."""
+    return jnp.exp2(x * LOG2_E)
 
 
 def _kernel(z_ref, target_ref, coef_ref, dz_ref, lse_ref, *, softcap, vocab_size):
@@ -53,9 +62,9 @@ def _kernel(z_ref, target_ref, coef_ref, dz_ref, lse_ref, *, softcap, vocab_size
         z_next = load(jnp.minimum(r + 1, rows - 1))
         c = softcap * jnp.tanh(z.astype(jnp.float32) / softcap)  # (1, P)
         # |c| <= softcap, so exp(c) cannot overflow: no running maximum.
-        lse = jnp.log(jnp.sum(jnp.where(real, jnp.exp(c), 0.0), axis=1, keepdims=True))  # (1, 1)
+        lse = jnp.log(jnp.sum(jnp.where(real, _exp(c), 0.0), axis=1, keepdims=True))  # (1, 1)
         is_target = (cols == target_ref[pl.ds(r, 1)][:, None]).astype(jnp.float32)
-        dc = coef_ref[pl.ds(r, 1)][:, None] * (jnp.exp(c - lse) - is_target)
+        dc = coef_ref[pl.ds(r, 1)][:, None] * (_exp(c - lse) - is_target)
         dz = jnp.where(real, dc * (1.0 - jnp.square(c / softcap)), 0.0)
         dz_ref[pl.ds(r, 1), :] = dz.astype(dz_ref.dtype)
         lse_ref[pl.ds(r, 1)] = lse[:, 0]
