@@ -9,7 +9,8 @@ maps a block of rows and columns and stores the result twice, as it is and trans
 
 Sharding: the rows stay split over the batch like the input's, so the transposed result is split
 on its columns (`kernels.partition.rows_parallel`); no collective. Where the kernel does not run
-(`supported`) the same map runs in XLA, followed by a transpose.
+(`supported`), or on a device's share that does not divide by the block, the same map runs in
+XLA, followed by a transpose.
 """
 
 import functools
@@ -63,14 +64,13 @@ def _sharded(fn, out_dtype, block, num_warps, interpret):
     return rows_parallel(local, ("bc", "s"), ("bc", "cb"))
 
 
-def supported(x, block=BLOCK) -> bool:
-    """Whether the kernel runs for a 2-D x: a GPU with FP8 conversions (compute capability 8.9 or
-    more) and both sides multiples of the block's. (Split over devices, a share of the rows that
-    does not divide by the block is mapped by XLA.)"""
+def supported(x) -> bool:
+    """Whether the kernel can run for x: a 2-D x on a GPU with FP8 conversions (compute capability
+    8.9 or more). Each device's share whose sides do not divide by the block is mapped by XLA
+    (`_local`)."""
     if jax.default_backend() != "gpu" or x.ndim != 2:
         return False
-    capability = tuple(map(int, getattr(jax.devices()[0], "compute_capability", "0.0").split(".")))
-    return capability >= (8, 9) and x.shape[0] % block[0] == 0 and x.shape[1] % block[1] == 0
+    return tuple(map(int, getattr(jax.devices()[0], "compute_capability", "0.0").split("."))) >= (8, 9)
 
 
 def map_both_layouts(fn, x, scale, out_dtype, *, block=BLOCK, num_warps=NUM_WARPS, interpret=False):
@@ -78,7 +78,7 @@ def map_both_layouts(fn, x, scale, out_dtype, *, block=BLOCK, num_warps=NUM_WARP
     scalar: the kernel where it runs (`supported`, or `interpret`), else XLA's map and a transpose.
     `fn` must be hashable and the same object from call to call (a module-level function): each
     distinct one is a kernel of its own."""
-    if not (interpret or supported(x, block)):
+    if not (interpret or supported(x)):
         return _by_xla(fn, x, scale, out_dtype)
     scale = jnp.reshape(scale, (1,)).astype(jnp.float32)
     return _sharded(fn, jnp.dtype(out_dtype), tuple(block), num_warps, interpret)(x, scale)
